@@ -43,6 +43,22 @@ def _cmd_show_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_warmup_indexer(args: argparse.Namespace) -> int:
+    from rl.warmup_indexer import load_warmup_config, warmup_indexer
+
+    if args.resume and (args.config or args.overrides or args.checkpoint):
+        raise SystemExit("keel warmup-indexer --resume RUN_DIR uses the run's own config.yaml; drop CONFIG, "
+                         "overrides and --checkpoint")
+    if args.config and "=" in args.config and not os.path.exists(args.config):
+        args.overrides, args.config = [args.config, *args.overrides], None  # overrides only, no YAML
+    cfg = None
+    if not args.resume:
+        overrides = list(args.overrides) + ([f"model.checkpoint={args.checkpoint}"] if args.checkpoint else [])
+        cfg = load_warmup_config(args.config, overrides)
+    warmup_indexer(cfg, resume=args.resume, stop_after=args.stop_after)
+    return 0
+
+
 def _not_built(name: str, issue: str):
     def run(args: argparse.Namespace) -> int:
         print(f"keel {name}: not built yet ({issue}); see README 'Status'.", file=sys.stderr)
@@ -74,10 +90,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_cmd_show_config)
 
+    p = sub.add_parser("warmup-indexer", help="turn a dense DeepSeek-V3 checkpoint into a DSA one",
+                       description="Add a fresh lightning indexer to a dense model, train it alone on the dense KL "
+                       "(backbone frozen), then the sparse stage; save a DSA checkpoint and compare held-out losses.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=textwrap.dedent(
+                           """\
+                           examples:
+                             keel warmup-indexer configs/warmup_indexer.yaml              # tiny demo on a CPU
+                             keel warmup-indexer configs/warmup_indexer.yaml --checkpoint DENSE_DIR  # pretrain skipped
+                             keel warmup-indexer --resume runs/warmup-indexer-20261123-101500
+                           """))
+    p.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/warmup_indexer.yaml (default: the schema)")
+    p.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. dense.steps=100 model.index_topk=32")
+    p.add_argument("--checkpoint", metavar="DIR", help="the dense DeepSeek-V3-style HF checkpoint to start from")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR; finished phases are kept")
+    p.add_argument("--stop-after", choices=("pretrain", "dense"), help="end the run once this phase is finished")
+    p.set_defaults(func=_cmd_warmup_indexer)
+
     for name, text, issue in [
         ("specialists", "one GRPO run per domain from one base checkpoint", "recipes issue #7"),
         ("distill", "distil specialists into one model (sample, filter, SFT, evaluate)", "recipes issue #7"),
-        ("warmup-indexer", "turn a dense DeepSeek-V3 checkpoint into a DSA one", "recipes issue #7"),
     ]:
         p = sub.add_parser(name, help=f"{text} [not built yet]")
         p.add_argument("config", nargs="?")

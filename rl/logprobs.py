@@ -19,9 +19,11 @@ def apply_sampling_mask(logits: torch.Tensor, kept_ids: torch.Tensor) -> torch.T
     the result is pi renormalised over the kept set: log pi(a) - log sum_{b in kept} pi(b).
     """
     untruncated = (kept_ids < 0).all(-1, keepdim=True)
-    keep = torch.zeros_like(logits, dtype=torch.bool)
-    keep.scatter_(1, kept_ids.clamp(min=0), True)
-    keep = keep | untruncated
+    vocab = logits.shape[-1]
+    # Padding (-1) scatters into an extra column that is dropped, never into a real token id.
+    keep = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
+    keep.scatter_(1, kept_ids.masked_fill(kept_ids < 0, vocab), True)
+    keep = keep[:, :vocab] | untruncated
     return logits.masked_fill(~keep, float("-inf"))
 
 

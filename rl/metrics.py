@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ class MetricsLogger:
             import wandb
 
             run_id_file = run_dir / "wandb_id"
-            run_id = run_id_file.read_text().strip() if run_id_file.exists() else wandb.util.generate_id()
+            run_id = run_id_file.read_text().strip() if run_id_file.exists() else secrets.token_hex(4)
             run_id_file.write_text(run_id)
             self._wandb = wandb.init(
                 project=project, name=run_name, id=run_id, resume="allow", dir=str(run_dir), mode=mode,

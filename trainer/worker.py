@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 
 from rl.checkpoint import load_model, save_checkpoint
-from rl.grpo import grpo_loss
 from rl.logprobs import token_logprobs
 from rl.model import Transformer
 from trainer.batching import TrainTensors, to_train_tensors
+from trainer.objective import grpo_objective, policy_logprobs
 
 
 class TrainerWorker:
@@ -85,17 +85,9 @@ class TrainerWorker:
     # ---- GRPO ---------------------------------------------------------------------------------------
 
     def _logprobs(self, model, t: TrainTensors, routing, **fwd) -> tuple:
-        """log pi(y) (temperature-scaled, renormalised over kept sets), entropy and the model output.
-
-        `model` is the DeepSpeed engine (gradient), the bare policy, or the reference model.
-        """
-        out = model(t.input_ids, routing=routing, **fwd)
+        """`model` is the DeepSpeed engine (gradient), the bare policy, or the reference model."""
         head = (self.model if model is self.engine else model).lm_head.weight
-        logp, entropy = token_logprobs(
-            out.hidden, head, t.targets, t.kept_ids,
-            temperature=self.grpo["temperature"], chunk_size=self.grpo["logprob_chunk"],
-        )
-        return logp, entropy, out
+        return policy_logprobs(model, head, t, routing, self.grpo["temperature"], self.grpo["logprob_chunk"], **fwd)
 
     def grpo_step(self, shard: pa.RecordBatch) -> dict[str, float]:
         """Reference log-probs, then `epochs` passes of GRPO mini-batch updates over this rank's shard."""
@@ -103,7 +95,11 @@ class TrainerWorker:
         timings = {}
         t0 = time.perf_counter()
         top_k = self.model.config.num_experts_per_tok
-        data = to_train_tensors(shard, top_k, with_routing=g["keep_routing"], with_mask=g["keep_sampling_mask"])
+        # Recorded routing is read even when not forced: the routing-agreement metric compares against it.
+        recorded = shard.column("routed_experts").null_count == 0
+        data = to_train_tensors(
+            shard, top_k, with_routing=g["keep_routing"] or recorded, with_mask=g["keep_sampling_mask"]
+        )
         data = _to_device(data, self.device)
         valid = (data.targets != 0) | (data.response_mask > 0)
         routing = data.routing if g["keep_routing"] else None
@@ -132,19 +128,10 @@ class TrainerWorker:
             for start in range(0, len(data), micro):
                 rows = slice(start, start + micro)
                 mb = data.select(rows)
-                logp, _, out = self._logprobs(
-                    self.engine, mb, None if routing is None else routing[rows],
-                    indexer_loss=self.model.with_indexer and g["train_indexer"], query_mask=valid[rows],
+                total, m = grpo_objective(
+                    self.engine, self.model.lm_head.weight, mb, None if ref_logp is None else ref_logp[rows], g,
+                    train_indexer=self.model.with_indexer and g["train_indexer"],
                 )
-                loss, m = grpo_loss(
-                    logp, mb.old_logp, None if ref_logp is None else ref_logp[rows], mb.advantages,
-                    mb.response_mask, clip_eps_low=g["clip_eps_low"], clip_eps_high=g["clip_eps_high"],
-                    kl_coef=g["kl_coef"], kl_estimator=g["kl_estimator"], offpolicy_delta=g["offpolicy_delta"],
-                )
-                total = loss
-                if out.indexer_loss is not None:
-                    total = total + g["indexer_loss_coef"] * out.indexer_loss
-                    m["indexer_kl"] = out.indexer_loss.item()
                 if not self._all_finite(total):
                     skipped += 1  # every rank skips together: no rank steps on a NaN/inf loss
                     continue

@@ -1,0 +1,55 @@
+"""Time per phase of one RL step (rollout, reward, reference, update, weight sync) for a recipe.
+
+    python bench/step_time.py                                  # the quickstart setting, 10 steps
+    python bench/step_time.py configs/quickstart.yaml --steps 20 --json step_time.json
+    python bench/step_time.py configs/quickstart.yaml rollout.prompts_per_step=64
+
+Runs a real `keel train` (SFT skipped: the timings do not depend on what the model knows), then prints the
+mean seconds of each phase over the steps after the first (which pays for warm-up), so the slowest phase
+is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from rl.config import load_config
+from rl.driver import train
+from rl.metrics import read_metrics
+
+PHASES = ("time/rollout", "time/reward", "time/ref", "time/update", "time/sync", "time/step")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", nargs="?", default=str(Path(__file__).parent.parent / "configs" / "quickstart.yaml"))
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as out:
+        overrides = [
+            f"run.steps={args.steps}", f"run.checkpoint_every={args.steps}", f"run.output_dir={out}",
+            "run.wandb_mode=disabled", "run.dump_rollouts=false", "sft.steps=0", "data.eval_size=16",
+            *args.overrides,
+        ]
+        run_dir = train(load_config(args.config, overrides))
+        steps = [m for m in read_metrics(run_dir) if "time/step" in m][1:]
+    figures = {p: sum(m[p] for m in steps) / len(steps) for p in PHASES}
+    figures["tokens_per_s_rollout"] = sum(m["tokens_per_s"] for m in steps) / len(steps)
+    slowest = max(PHASES[:-1], key=figures.get)
+    print(f"mean over {len(steps)} steps ({args.config} {' '.join(args.overrides)})")
+    for p in PHASES:
+        share = 100 * figures[p] / figures["time/step"]
+        print(f"  {p:<14} {figures[p]:8.3f} s  {share:5.1f}%{'   <- slowest' if p == slowest else ''}")
+    print(f"  rollout tokens/s {figures['tokens_per_s_rollout']:.0f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
