@@ -220,6 +220,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> Path:
             if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < cfg.run.steps:
                 metrics["eval/accuracy"] = run.evaluate(client)
             logger.log(step + 1, metrics)
+            if metrics.get("skipped_minibatches"):
+                tqdm.write(f"keel: step {step + 1}: skipped {metrics['skipped_minibatches']:.0f} mini-batch(es) "
+                           "whose loss was NaN/inf (no optimiser step taken on them)")
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl', 0):.4f}")
             if (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == cfg.run.steps:
                 save_run_checkpoint(run_dir, trainer, state, str(init), cfg.run.keep_checkpoints)

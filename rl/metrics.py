@@ -11,14 +11,15 @@ from typing import Any
 
 
 class MetricsLogger:
-    """Appends one JSON line per record; on resume, records at or after the resume step are dropped first."""
+    """Appends one JSON line per record; on resume, records after the resumed checkpoint's step are dropped first
+    (they belong to steps that will run again)."""
 
     def __init__(self, run_dir: Path, wandb_mode: str, project: str, run_name: str, config: dict,
                  resume_step: int | None = None):
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", -1) < resume_step]
+                    if line.strip() and json.loads(line).get("step", -1) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._wandb = None
         mode = os.environ.get("WANDB_MODE", wandb_mode)

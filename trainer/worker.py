@@ -43,7 +43,7 @@ class TrainerWorker:
         import deepspeed  # imported here: it probes the accelerator at import time
 
         self.rank, self.world_size = rank, world_size
-        self.grpo, self.trainer = grpo, trainer
+        self.grpo, self.trainer = dict(grpo), dict(trainer)
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[trainer["dtype"]]
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
