@@ -178,8 +178,12 @@ def _validate(cfg: DictConfig, source: str) -> None:
     batch = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     if batch % cfg.trainer.num_ranks:
         problems.append(f"prompts_per_step * group_size = {batch} is not divisible by trainer.num_ranks")
-    if cfg.trainer.zero_stage not in (0, 1, 2, 3):
-        problems.append(f"trainer.zero_stage={cfg.trainer.zero_stage} must be 0..3")
+    if cfg.trainer.zero_stage == 3:
+        # The absorbed MLA (W_UK/W_UV), the indexer head weights and the chunked log-probs (lm_head) read
+        # weights outside their own modules' forward, which ZeRO-3's partitioned parameters do not allow yet.
+        problems.append("trainer.zero_stage=3 is not supported yet; use 1 or 2 (optimizer/gradient sharding)")
+    elif cfg.trainer.zero_stage not in (0, 1, 2):
+        problems.append(f"trainer.zero_stage={cfg.trainer.zero_stage} must be 0, 1 or 2")
     if not cfg.rewards:
         problems.append("rewards: name at least one reward")
     if cfg.run.wandb_mode not in ("offline", "online", "disabled"):

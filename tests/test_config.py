@@ -26,6 +26,7 @@ def test_quickstart_loads_with_overrides():
         ("grpo:\n  kl_coef: lots\n", r"grpo\.kl_coef.*could not be converted"),
         ("rollout:\n  group_size: 1\n", r"group_size must be >= 2"),
         ("grpo:\n  kl_estimator: k2\n", r"kl_estimator='k2'"),
+        ("trainer:\n  zero_stage: 3\n", r"zero_stage=3 is not supported yet"),
         ("run: [1, 2\n", r"not valid YAML"),
     ],
 )

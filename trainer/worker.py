@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import pyarrow as pa
@@ -180,14 +179,10 @@ class TrainerWorker:
     # ---- weights and checkpoints --------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Full weights on rank 0 (gathered under ZeRO-3), None on other ranks. Every rank must call it."""
-        import deepspeed
-
-        params = list(self.model.parameters())
-        with deepspeed.zero.GatheredParameters(params) if self.trainer["zero_stage"] == 3 else nullcontext():
-            if self.rank != 0:
-                return None
-            return {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.model.state_dict().items()}
+        """Full fp32 weights on rank 0 (ZeRO-1/2 keep whole parameters on every rank), None elsewhere."""
+        if self.rank != 0:
+            return None
+        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.model.state_dict().items()}
 
     def save(self, directory: str, tokenizer_dir: str | None = None) -> None:
         """HF weights (rank 0) + DeepSpeed optimizer state (all ranks) under `directory`."""
