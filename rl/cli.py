@@ -59,12 +59,41 @@ def _cmd_warmup_indexer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_built(name: str, issue: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"keel {name}: not built yet ({issue}); see README 'Status'.", file=sys.stderr)
-        return 2
+def _split_config(args: argparse.Namespace) -> None:
+    """`keel CMD key=value ...` without a YAML: the first positional is an override, not a file."""
+    if args.config and "=" in args.config and not os.path.exists(args.config):
+        args.overrides, args.config = [args.config, *args.overrides], None
 
-    return run
+
+def _cmd_specialists(args: argparse.Namespace) -> int:
+    from rl.specialists import load_specialists_config, run_specialists
+
+    _split_config(args)
+    if args.resume and (args.config or args.overrides):
+        raise SystemExit("keel specialists --resume DIR uses the recipe's own recipe.yaml; drop CONFIG and overrides")
+    if not args.resume and not args.config:
+        raise SystemExit("keel specialists: give a CONFIG file (e.g. configs/specialists.yaml) or --resume DIR")
+    if args.ray_address:
+        os.environ["RAY_ADDRESS"] = args.ray_address
+    cfg = None if args.resume else load_specialists_config(args.config, args.overrides)
+    try:
+        run_specialists(cfg, resume=args.resume)
+    except NotImplementedError as err:  # a domain keel cannot train yet (the agent domain)
+        raise SystemExit(f"keel specialists: {err}") from None
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from rl.distill import distill, load_distill_config
+
+    _split_config(args)
+    if args.resume and (args.config or args.overrides):
+        raise SystemExit("keel distill --resume DIR uses the run's own config.yaml; drop CONFIG and overrides")
+    if args.ray_address:
+        os.environ["RAY_ADDRESS"] = args.ray_address
+    cfg = None if args.resume else load_distill_config(args.config, args.overrides)
+    distill(cfg, resume=args.resume, stop_after=args.stop_after)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,13 +136,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", choices=("pretrain", "dense"), help="end the run once this phase is finished")
     p.set_defaults(func=_cmd_warmup_indexer)
 
-    for name, text, issue in [
-        ("specialists", "one GRPO run per domain from one base checkpoint", "recipes issue #7"),
-        ("distill", "distil specialists into one model (sample, filter, SFT, evaluate)", "recipes issue #7"),
-    ]:
-        p = sub.add_parser(name, help=f"{text} [not built yet]")
-        p.add_argument("config", nargs="?")
-        p.set_defaults(func=_not_built(name, issue))
+    p = sub.add_parser("specialists", help="one GRPO run per domain from one base checkpoint, then a table",
+                       description="SFT a base on a mixture of the domains (or take base.checkpoint), train one GRPO "
+                       "specialist per domain from it, and evaluate the base and every specialist on every domain.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=textwrap.dedent(
+                           """\
+                           examples:
+                             keel specialists configs/specialists.yaml                  # tiny demo, sequential
+                             keel specialists configs/specialists.yaml train.run.steps=20 base.train.sft.steps=100
+                             keel specialists configs/specialists.yaml run.parallel=true --ray-address auto
+                             keel specialists --resume runs/specialists-20261123-101500  # finished ones skipped
+                           """))
+    p.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/specialists.yaml")
+    p.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. train.grpo.lr=1e-4 run.parallel=true")
+    p.add_argument("--resume", metavar="DIR", help="continue the recipe in DIR; finished specialists are kept")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=_cmd_specialists)
+
+    p = sub.add_parser("distill", help="distil specialists into one model (sample, filter, SFT, evaluate)",
+                       description="Sample each specialist of a `keel specialists` directory on its domain, keep "
+                       "the responses its reward verifies, fine-tune one model on the mixture and evaluate it.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=textwrap.dedent(
+                           """\
+                           examples:
+                             keel distill configs/distill.yaml          # the newest finished specialists in runs/
+                             keel distill configs/distill.yaml specialists=runs/specialists-20261123-101500
+                             keel distill --resume runs/distill-20261123-103000   # kept shards are not resampled
+                           """))
+    p.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/distill.yaml (default: the schema)")
+    p.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. sample.min_reward=1 sft.steps=300")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--stop-after", choices=("sample",), help="end once dataset.parquet is written")
+    p.set_defaults(func=_cmd_distill)
     return parser
 
 

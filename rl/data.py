@@ -26,9 +26,24 @@ def generate_addition(n: int, seed: int, max_operand: int = 99) -> list[dict]:
     return rows
 
 
+def generate_sort(n: int, seed: int, min_len: int = 3, max_len: int = 5) -> list[dict]:
+    """Rows {"prompt": "3142?", "answer": "1234", "domain": "sort"}: a second short domain for the specialists.
+
+    Digits 1-9 only, so the answer is a number without leading zeros and `exact_match` scores it.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        digits = [str(rng.randint(1, 9)) for _ in range(rng.randint(min_len, max_len))]
+        rows.append({"prompt": "".join(digits) + "?", "answer": "".join(sorted(digits)), "domain": "sort"})
+    return rows
+
+
 def _generated(task: str, n: int, seed: int, max_operand: int) -> list[dict]:
     if task == "addition":
         return generate_addition(n, seed, max_operand)
+    if task == "sort":
+        return generate_sort(n, seed)
     if task == "arithmetic":
         from rewards.math import generate_arithmetic
 
@@ -37,7 +52,7 @@ def _generated(task: str, n: int, seed: int, max_operand: int) -> list[dict]:
         from rewards.logic import generate_puzzles
 
         return generate_puzzles(n, seed)
-    raise ValueError(f"data.task={task!r} is neither a generated task (addition, arithmetic, logic) nor a file")
+    raise ValueError(f"data.task={task!r} is neither a generated task (addition, sort, arithmetic, logic) nor a file")
 
 
 def load_dataset(task: str, n: int, seed: int, max_operand: int = 99) -> pa.Table:

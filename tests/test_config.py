@@ -59,5 +59,5 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
 def test_cli_show_config_and_unbuilt_commands(capsys):
     assert main(["show-config", str(QUICKSTART), "run.steps=7"]) == 0
     assert "steps: 7" in capsys.readouterr().out
-    assert main(["distill"]) == 2
-    assert "not built yet" in capsys.readouterr().err
+    assert main(["distill", "--resume", "/nonexistent/run"]) == 2
+    assert "/nonexistent/run" in capsys.readouterr().err

@@ -1,0 +1,331 @@
+"""`keel distill`: distil the domain specialists of a `keel specialists` recipe into one model.
+
+  sample   each specialist answers its own domain's training prompts (n samples each) on keel's vLLM rollout
+           workers; the domain's rewards score every response and those with reward >= sample.min_reward are
+           kept, one parquet shard per specialist, each written whole with an atomic rename
+  dataset  dataset.parquet: the shards concatenated, with provenance columns
+           (prompt, response, specialist, domain, prompt_id, sample, reward)
+  sft      one model (by default the specialists' base) fine-tuned on the mixture with DeepSpeed: next-token loss
+           on the response tokens and <eos> only, prompts masked; resumable from its last checkpoint
+  evaluate the base, every specialist and the distilled model on every domain's held-out set; the table shows
+           how much of each specialist's gain on its own domain the distilled model keeps
+
+Run directory:
+  config.yaml                   the resolved configuration (the specialists directory resolved to a path)
+  shards/<specialist>.parquet   kept samples of one specialist; present = that specialist is sampled
+  dataset.parquet               the SFT mixture (rebuilt from the shards, so a resume never duplicates rows)
+  sft/step_N/                   model/ (HF), optim/ (DeepSpeed), state.json (written last)
+  summary.json                  dataset counts and the evaluation table
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from tqdm import tqdm
+
+from rl.config import ConfigError, to_yaml
+from rl.specialists import checkpoint_tensors, evaluate_models, print_table
+
+DATASET_COLUMNS = ("prompt", "response", "specialist", "domain", "prompt_id", "sample", "reward")
+
+# ---- configuration ------------------------------------------------------------------------------
+
+
+@dataclass
+class DistillRunSection:
+    name: str = "distill"
+    output_dir: str = "runs"
+    ray_address: str = ""  # "" : RAY_ADDRESS or a local Ray started (and stopped) by keel
+    seed: int = 0
+
+
+@dataclass
+class SampleSection:
+    prompts_per_domain: int = 512  # the first rows of each domain's training set
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no truncation
+    top_p: float = 1.0
+    min_reward: float = 1.0  # keep a response when its domain reward >= this (1.0 = verified correct)
+    unique: bool = True  # keep one copy of each distinct (prompt, response) of a specialist
+
+
+@dataclass
+class DistillSFTSection:
+    init: str = "base"  # the model fine-tuned on the mixture: "base" (the specialists' base) or a checkpoint dir
+    steps: int = 200
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    checkpoint_every: int = 100  # 0: only at the end
+
+
+@dataclass
+class DistillConfig:
+    run: DistillRunSection = field(default_factory=DistillRunSection)
+    specialists: str = ""  # a finished `keel specialists` directory; "" : the newest one under run.output_dir
+    sample: SampleSection = field(default_factory=SampleSection)
+    sft: DistillSFTSection = field(default_factory=DistillSFTSection)
+
+
+def load_distill_config(path: str | Path | None, overrides: list[str] | None = None) -> DictConfig:
+    """Schema <- YAML file <- dot-list overrides, validated; an unknown key or bad value names the key."""
+    layers = [OmegaConf.structured(DistillConfig)]
+    source = "defaults"
+    try:
+        if path is not None:
+            source = str(path)
+            if not Path(path).exists():
+                raise FileNotFoundError(f"config file {path} does not exist")
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            source = f"{source} + command-line overrides {overrides}"
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(*layers)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or ""
+        first_line = str(err).strip().splitlines()[0]
+        raise ConfigError(f"{source}: {'key ' + repr(key) + ': ' if key else ''}{first_line}") from None
+    problems = []
+    if cfg.sample.prompts_per_domain < 1 or cfg.sample.samples_per_prompt < 1:
+        problems.append("sample.prompts_per_domain and sample.samples_per_prompt must be >= 1")
+    if cfg.sample.temperature <= 0:
+        problems.append("sample.temperature must be > 0")
+    if cfg.sft.steps < 1 or cfg.sft.batch_size < 1:
+        problems.append("sft.steps and sft.batch_size must be >= 1")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+# ---- pure helpers -------------------------------------------------------------------------------
+
+
+def keep_responses(rows: list[dict], min_reward: float, unique: bool) -> list[dict]:
+    """The rows whose reward >= min_reward; with `unique`, only the first of each (prompt_id, response)."""
+    kept, seen = [], set()
+    for row in rows:
+        key = (row["prompt_id"], row["response"])
+        if row["reward"] < min_reward or (unique and key in seen):
+            continue
+        seen.add(key)
+        kept.append(row)
+    return kept
+
+
+def kept_gain(base: float, specialist: float, distilled: float) -> float | None:
+    """The share of a specialist's gain over the base that the distilled model keeps: (d - b) / (s - b).
+
+    None when the specialist did not improve on the base (there is no gain to keep)."""
+    gain = specialist - base
+    return (distilled - base) / gain if gain > 0 else None
+
+
+def kept_gain_columns(table: dict, specialists: list[str]) -> dict[str, dict[str, str]]:
+    """For the distilled row: "<domain> kept" = kept_gain of held-out accuracy on each specialist's domain."""
+    cells = {}
+    for name in specialists:
+        k = kept_gain(table["base"][name]["accuracy"], table[name][name]["accuracy"],
+                      table["distilled"][name]["accuracy"])
+        cells[f"{name} kept"] = "n/a" if k is None else f"{100 * k:.0f}%"
+    return {"distilled": cells}
+
+
+# ---- directories ----------------------------------------------------------------------------------
+
+
+def newest_specialists_dir(output_dir: str | Path) -> Path:
+    """The newest `keel specialists` directory under output_dir that finished (has a summary.json)."""
+    done = sorted(p.parent for p in Path(output_dir).glob("*/summary.json") if (p.parent / "recipe.yaml").exists())
+    if not done:
+        raise FileNotFoundError(f"no finished `keel specialists` directory under {output_dir}; set `specialists:` "
+                                "to one (a directory with recipe.yaml and summary.json)")
+    return max(done, key=lambda p: (p / "summary.json").stat().st_mtime)
+
+
+def prepare_distill_dir(cfg: DictConfig, resume: str | None) -> tuple[DictConfig, Path]:
+    """A new run directory (config.yaml written, specialists resolved), or the resumed one's config read back."""
+    if resume:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").exists():
+            raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there; is it a keel distill directory?")
+        return load_distill_config(run_dir / "config.yaml"), run_dir
+    source = Path(cfg.specialists) if cfg.specialists else newest_specialists_dir(cfg.run.output_dir)
+    if not (source / "summary.json").exists():
+        raise FileNotFoundError(f"specialists={source}: no summary.json; finish `keel specialists --resume {source}`")
+    cfg = OmegaConf.merge(cfg, {"specialists": str(source.resolve())})
+    run_dir = Path(cfg.run.output_dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    return cfg, run_dir
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Whole or absent: a crash mid-write leaves only a .tmp file, which the next attempt overwrites."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+# ---- sample ---------------------------------------------------------------------------------------
+
+
+def sample_specialist(name: str, run, client, sample: DictConfig) -> pa.Table:
+    """One specialist's kept responses on its domain's training prompts (the client holds its weights)."""
+    n = min(sample.prompts_per_domain, len(run.train_prompts))
+    sampling = {**run.sampling(0), "n": sample.samples_per_prompt, "temperature": sample.temperature,
+                "top_k": sample.top_k, "top_p": sample.top_p}
+    batch = client.generate(run.train_prompts[:n], sampling, policy_version=-1)
+    prompt_rows = run.train_set.slice(0, n).to_pylist()
+    index = batch.column("prompt_index").to_pylist()
+    scores, _, responses = run.score(batch, [prompt_rows[i] for i in index])
+    rows = [{"prompt": prompt_rows[i]["prompt"], "response": text, "specialist": name, "domain": name,
+             "prompt_id": i, "sample": k % sample.samples_per_prompt, "reward": float(score)}
+            for k, (i, text, score) in enumerate(zip(index, responses, scores, strict=True))]
+    kept = keep_responses(rows, sample.min_reward, sample.unique)
+    tqdm.write(f"keel: distill: {name}: kept {len(kept)} of {len(rows)} samples (reward >= {sample.min_reward})")
+    schema = pa.schema([("prompt", pa.string()), ("response", pa.string()), ("specialist", pa.string()),
+                        ("domain", pa.string()), ("prompt_id", pa.int64()), ("sample", pa.int64()),
+                        ("reward", pa.float64())])
+    return pa.Table.from_pylist(kept, schema=schema)
+
+
+def sample_all(cfg: DictConfig, run_dir: Path, models: dict[str, Path], runs: dict) -> None:
+    """A shard per specialist not sampled yet; one rollout engine, given each specialist's weights in turn."""
+    from rollout.client import RolloutClient
+
+    todo = [n for n in runs if not (run_dir / "shards" / f"{n}.parquet").exists()]
+    if not todo:
+        return
+    engine = max((r.cfg.rollout.engine for r in runs.values()), key=lambda e: e.max_model_len)
+    client = RolloutClient(str(models[todo[0]]), 1, OmegaConf.to_container(engine))
+    try:
+        for version, name in enumerate(tqdm(todo, desc="sample", unit="specialist")):
+            if version:
+                client.update_weights(checkpoint_tensors(models[name]), version=version)
+            write_parquet_atomic(sample_specialist(name, runs[name], client, cfg.sample),
+                                 run_dir / "shards" / f"{name}.parquet")
+    finally:
+        client.shutdown()
+
+
+def build_dataset(run_dir: Path, names: list[str]) -> pa.Table:
+    """dataset.parquet from the shards, in specialist order: rebuilt whole, so rows are never appended twice."""
+    table = pa.concat_tables([pq.read_table(run_dir / "shards" / f"{n}.parquet") for n in names])
+    if table.num_rows == 0:
+        raise RuntimeError(f"{run_dir}: no sampled response passed the reward filter; lower sample.min_reward or "
+                           "sample more (sample.prompts_per_domain, sample.samples_per_prompt)")
+    write_parquet_atomic(table, run_dir / "dataset.parquet")
+    return table
+
+
+# ---- fine-tune ------------------------------------------------------------------------------------
+
+
+def latest_sft_checkpoint(run_dir: Path) -> Path | None:
+    done = [p for p in (run_dir / "sft").glob("step_*") if (p / "state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+def finetune(cfg: DictConfig, run_dir: Path, dataset: pa.Table, init: Path, keel_cfg: DictConfig) -> Path:
+    """SFT of `init` on the dataset with keel's DeepSpeed trainer group; returns the distilled model directory.
+
+    Loss on response tokens (and <eos>) only: `sft_tensors` masks every prompt position. Rows are right-padded,
+    not packed: keel's model has no per-sample attention mask, and packed samples would attend to each other.
+    """
+    from rl.data import sample_indices, sft_tensors
+    from rl.tokenizer import CharTokenizer
+    from trainer.group import TrainerGroup
+
+    sft = cfg.sft
+    ckpt = latest_sft_checkpoint(run_dir)
+    start = json.loads((ckpt / "state.json").read_text())["step"] if ckpt else 0
+    if start >= sft.steps:
+        return ckpt / "model"
+    grpo = {**OmegaConf.to_container(keel_cfg.grpo), "temperature": 1.0}
+    group = TrainerGroup(str(ckpt / "model" if ckpt else init), None, grpo, OmegaConf.to_container(keel_cfg.trainer),
+                         sft.lr, cfg.run.seed)
+    tokenizer = CharTokenizer.load(init)
+    prompts, responses = dataset.column("prompt").to_pylist(), dataset.column("response").to_pylist()
+    try:
+        if ckpt:
+            group.load_optimizer(str(ckpt))
+            print(f"keel: distill: SFT resumed from {ckpt} at step {start}")
+        bar = tqdm(range(start, sft.steps), desc="distill sft", unit="step", initial=start, total=sft.steps)
+        for step in bar:
+            idx = sample_indices(len(prompts), sft.batch_size, cfg.run.seed + 2, step)
+            tensors = sft_tensors([prompts[i] for i in idx], [responses[i] for i in idx], tokenizer)
+            lr = sft.lr * min(1.0, (step + 1) / max(sft.warmup_steps, 1))
+            m = group.sft_step(*tensors, lr=lr)
+            bar.set_postfix(loss=f"{m['sft_loss']:.3f}")
+            done = step + 1
+            if done == sft.steps or (sft.checkpoint_every and done % sft.checkpoint_every == 0):
+                save_sft_checkpoint(run_dir, group, done, str(init))
+    finally:
+        group.shutdown()
+    return latest_sft_checkpoint(run_dir) / "model"
+
+
+def save_sft_checkpoint(run_dir: Path, group, step: int, tokenizer_dir: str) -> None:
+    """model/ + optim/, then state.json last (its presence marks the checkpoint complete); older ones removed."""
+    path = run_dir / "sft" / f"step_{step}"
+    group.save(str(path), tokenizer_dir=tokenizer_dir)
+    tmp = path / "state.json.tmp"
+    tmp.write_text(json.dumps({"step": step}))
+    os.replace(tmp, path / "state.json")
+    for old in (run_dir / "sft").glob("step_*"):
+        if old != path:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- the recipe -------------------------------------------------------------------------------------
+
+
+def distill(cfg: DictConfig | None, resume: str | None = None, stop_after: str | None = None) -> Path:
+    """Sample, filter, fine-tune and evaluate (see the module docstring); returns the run directory.
+
+    stop_after="sample" ends the run once dataset.parquet is written (resume it later to fine-tune)."""
+    from rl.driver import Run, ray_session
+
+    if cfg is None and resume is None:
+        raise ValueError("give a distill config or a run directory to resume")
+    cfg, run_dir = prepare_distill_dir(cfg, resume)
+    source = Path(cfg.specialists)
+    summary = json.loads((source / "summary.json").read_text())
+    names = list(summary["runs"])
+    # Each domain as its specialist trained on it: data, held-out set, rewards and sampling limits.
+    keel_cfgs = {n: OmegaConf.load(Path(summary["runs"][n]) / "config.yaml") for n in names}
+    models = {k: Path(v) for k, v in summary["models"].items()}
+    init = models["base"] if cfg.sft.init == "base" else Path(cfg.sft.init)
+    print(f"keel: distill run directory {run_dir}; specialists from {source}")
+    first = keel_cfgs[names[0]]
+    cpus = int(first.trainer.num_ranks * first.trainer.cpus_per_rank + first.rollout.num_workers + 2)
+    with ray_session(cfg.run.ray_address, cpus):
+        runs = {n: Run(c, run_dir) for n, c in keel_cfgs.items()}
+        sample_all(cfg, run_dir, models, runs)
+        dataset = build_dataset(run_dir, names)
+        if stop_after == "sample":
+            return run_dir
+        distilled = finetune(cfg, run_dir, dataset, init, first)
+        table = evaluate_models({**models, "distilled": distilled}, keel_cfgs, run_dir)
+    counts = Counter(dataset.column("specialist").to_pylist())
+    result = {"specialists": str(source), "distilled": str(distilled), "dataset_rows": dict(counts), "table": table}
+    (run_dir / "summary.json").write_text(json.dumps(result, indent=1))
+    print_table("distillation: greedy held-out reward / accuracy per domain", table, kept_gain_columns(table, names))
+    return run_dir
