@@ -136,10 +136,12 @@ class ConfigError(ValueError):
     pass
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """Schema <- YAML file <- dot-list overrides, validated; returns a read-only DictConfig."""
-    schema = OmegaConf.structured(KeelConfig)
-    layers = [schema]
+def merge_config(schema: type, path: str | Path | None, overrides: list[str] | None) -> tuple[DictConfig, str]:
+    """Structured `schema` <- YAML file <- dot-list overrides; returns the merged config and its source text.
+
+    Every failure is a ConfigError naming the source (file and overrides) and, where omegaconf knows it, the key.
+    """
+    layers = [OmegaConf.structured(schema)]
     source = "defaults"
     try:
         if path is not None:
@@ -150,19 +152,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if overrides:
             source = f"{source} + command-line overrides {overrides}"
             layers.append(OmegaConf.from_dotlist(list(overrides)))
-        cfg = OmegaConf.merge(*layers)
+        return OmegaConf.merge(*layers), source
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: not valid YAML: {err}") from None
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or ""
-        raise ConfigError(f"{source}: {'key ' + repr(key) + ': ' if key else ''}{_first_line(err)}") from None
+        first_line = str(err).strip().splitlines()[0]
+        raise ConfigError(f"{source}: {'key ' + repr(key) + ': ' if key else ''}{first_line}") from None
+    except TypeError:  # omegaconf's error for a dot-list that indexes into a list, e.g. domains.0.task=...
+        raise ConfigError(f"{source}: a list cannot be changed item by item on the command line; edit the YAML "
+                          "or replace the whole list") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Schema <- YAML file <- dot-list overrides, validated; returns a read-only DictConfig."""
+    cfg, source = merge_config(KeelConfig, path, overrides)
     _validate(cfg, source)
     OmegaConf.set_readonly(cfg, True)
     return cfg
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0]
 
 
 def _validate(cfg: DictConfig, source: str) -> None:

@@ -30,12 +30,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from rl.config import ConfigError, to_yaml
+from rl.config import ConfigError, merge_config, to_yaml
 from rl.specialists import checkpoint_tensors, evaluate_models, print_table
 
 DATASET_COLUMNS = ("prompt", "response", "specialist", "domain", "prompt_id", "sample", "reward")
@@ -82,24 +80,7 @@ class DistillConfig:
 
 def load_distill_config(path: str | Path | None, overrides: list[str] | None = None) -> DictConfig:
     """Schema <- YAML file <- dot-list overrides, validated; an unknown key or bad value names the key."""
-    layers = [OmegaConf.structured(DistillConfig)]
-    source = "defaults"
-    try:
-        if path is not None:
-            source = str(path)
-            if not Path(path).exists():
-                raise FileNotFoundError(f"config file {path} does not exist")
-            layers.append(OmegaConf.load(path))
-        if overrides:
-            source = f"{source} + command-line overrides {overrides}"
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        cfg = OmegaConf.merge(*layers)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML: {err}") from None
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or ""
-        first_line = str(err).strip().splitlines()[0]
-        raise ConfigError(f"{source}: {'key ' + repr(key) + ': ' if key else ''}{first_line}") from None
+    cfg, source = merge_config(DistillConfig, path, overrides)
     problems = []
     if cfg.sample.prompts_per_domain < 1 or cfg.sample.samples_per_prompt < 1:
         problems.append("sample.prompts_per_domain and sample.samples_per_prompt must be >= 1")

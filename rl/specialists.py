@@ -30,12 +30,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from rl.config import ConfigError, RewardConfig, load_config, to_yaml
+from rl.config import ConfigError, RewardConfig, load_config, merge_config, to_yaml
 from rl.data import load_dataset
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -80,27 +78,7 @@ class SpecialistsConfig:
 
 def load_specialists_config(path: str | Path | None, overrides: list[str] | None = None) -> DictConfig:
     """Schema <- YAML file <- dot-list overrides, validated; an unknown key or bad value names the key."""
-    layers = [OmegaConf.structured(SpecialistsConfig)]
-    source = "defaults"
-    try:
-        if path is not None:
-            source = str(path)
-            if not Path(path).exists():
-                raise FileNotFoundError(f"config file {path} does not exist")
-            layers.append(OmegaConf.load(path))
-        if overrides:
-            source = f"{source} + command-line overrides {overrides}"
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        cfg = OmegaConf.merge(*layers)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML: {err}") from None
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or ""
-        first_line = str(err).strip().splitlines()[0]
-        raise ConfigError(f"{source}: {'key ' + repr(key) + ': ' if key else ''}{first_line}") from None
-    except TypeError:  # omegaconf's error for a dot-list such as domains.0.task=...
-        raise ConfigError(f"{source}: a list (domains, base.mixture) cannot be changed item by item on the command "
-                          "line; edit the YAML or replace the whole list") from None
+    cfg, source = merge_config(SpecialistsConfig, path, overrides)
     _validate(cfg, source)
     OmegaConf.set_readonly(cfg, True)
     return cfg

@@ -34,14 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 from transformers import DeepseekV32Config
 
 from rl.checkpoint import build_model, has_indexer, load_config, load_model, save_checkpoint
-from rl.config import ConfigError
+from rl.config import ConfigError, merge_config
 from rl.logprobs import token_logprobs
 from rl.model import Transformer
 from rl.presets import preset
@@ -114,24 +112,7 @@ class WarmupConfig:
 
 def load_warmup_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Schema <- YAML file <- dot-list overrides, validated; an unknown key or bad value names the key."""
-    layers = [OmegaConf.structured(WarmupConfig)]
-    source = "defaults"
-    try:
-        if path is not None:
-            source = str(path)
-            if not Path(path).exists():
-                raise FileNotFoundError(f"config file {path} does not exist")
-            layers.append(OmegaConf.load(path))
-        if overrides:
-            source = f"{source} + command-line overrides {overrides}"
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        cfg = OmegaConf.merge(*layers)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML: {err}") from None
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or ""
-        first_line = str(err).strip().splitlines()[0]
-        raise ConfigError(f"{source}: {'key ' + repr(key) + ': ' if key else ''}{first_line}") from None
+    cfg, source = merge_config(WarmupConfig, path, overrides)
     _validate(cfg, source)
     OmegaConf.set_readonly(cfg, True)
     return cfg
