@@ -1,0 +1,25 @@
+"""The `agent:` section of a run config: which environments, which template, and the episode budgets.
+
+`rl.config.KeelConfig` does not hold it yet; the driver integration adds
+`agent: AgentConfig = field(default_factory=AgentConfig)` there (see `configs/agent.yaml`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class AgentConfig:
+    enabled: bool = False  # true: rollouts are tool-use episodes (`rollout.agent.loop.run_episodes`)
+    environment: str = "mixed"  # search | planner | codefix | mixed (the kinds in turn)
+    train_size: int = 4000  # environments drawn per run (each is a kind and a seed)
+    eval_size: int = 60
+    seed: int = 0
+    eval_seed: int = 12345
+    template: str = "compact"  # compact (the char tokenizer) | deepseek_v32 (real checkpoints)
+    system_prompt: str = ""
+    max_turns: int = 8  # assistant turns per episode
+    max_total_tokens: int = 1024  # context budget: a turn starts only if prompt + rollout.max_tokens fits
+    context_strategy: str = "none"  # in training rollouts: none | discard_all | discard_75 | summary
+    eval_context_strategy: str = "discard_75"  # in evaluation

@@ -1,0 +1,364 @@
+"""Multi-turn rollouts: many tool-using episodes in flight at once against the same engines.
+
+`run_episodes` plays one episode per environment. Each round it sends the next prompt of every
+unfinished episode in ONE `generate` call (n=1 each), so the engine batches them; then it parses each
+turn, runs the tool calls in the environment (code tools run in the rewards sandbox), appends the
+results and loops, up to `max_turns` assistant turns and `max_total_tokens` tokens of context.
+
+Token in, token out. The templates guarantee that between user messages a conversation only grows
+at its end (`render(msgs + [parse(g).to_message()]) == render(msgs) + g`), so an episode is one
+token stream: the first prompt, then generated turns (loss mask 1) and, between them, the tokens
+of the tool results and the next generation prompt (loss mask 0). Only those in-between pieces are
+tokenised by us; generated tokens are kept exactly as sampled. Each episode becomes one RolloutBatch
+row with `prompt_ids` = the first prompt and `response_ids` = everything after it.
+
+Routing: each generate call records expert ids for its own fed tokens (prompt + response - 1). A
+row needs them for every fed token of the whole stream; `Segment.add_turn` takes, from each turn's
+record, the positions not covered yet: the newly generated tokens, and the last token of the
+previous turn plus the appended tool tokens, which the engine routed while prefilling this turn's
+prompt. An episode never ends on appended tokens (results are only appended when another turn
+follows), so the record always covers the whole row.
+
+Context budget: a turn starts only when the prompt plus `sampling["max_tokens"]` fits in
+`max_total_tokens` (then every request of a round has the same max_tokens, and the engine limits
+hold). When the next prompt would not fit, `context_strategy` makes room (`context.make_room`) and
+the episode continues from the shortened conversation; that is a new token stream (a new
+`Segment`), and the row is the last one: tokens before the cut are not trained on, and each use is
+counted in the metrics. With strategy "none" the episode ends instead.
+
+An episode also ends at a turn that does not close with the template's end of turn (the engine's
+length limit or EOS), or that does not parse: its text cannot continue an append-only stream, and it
+has no answer. The reward is `env.verify(answer)` for the final turn without tool calls, else 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from rl.batch import make_rollout_batch, routing_of
+from rl.tokenizer import CharTokenizer
+from rollout.agent.context import ContextStrategy, context_metrics, make_room
+from rollout.agent.environments.base import Environment
+from rollout.agent.messages import Message
+from rollout.agent.template import ChatTemplate
+
+# Why an episode ended; finish_reason of its row.
+STOP, MAX_TURNS, CONTEXT, TRUNCATED, PARSE_ERROR = "stop", "max_turns", "context_budget", "length", "parse_error"
+TOOL_THREADS = 8  # tool calls of different episodes run side by side (sandboxed code runs in subprocesses)
+
+
+# ---- tokens ------------------------------------------------------------------------------------------
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a piece of text, nothing added (keel's CharTokenizer or a Hugging Face tokenizer)."""
+    if isinstance(tokenizer, CharTokenizer):
+        return tokenizer.encode(text, bos=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def decode_ids(tokenizer: Any, ids: list[int]) -> str:
+    """Text of generated ids with special tokens kept, so a template can see its end-of-turn token."""
+    if isinstance(tokenizer, CharTokenizer):
+        return tokenizer.decode(ids)
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def stop_token_ids(template: ChatTemplate, tokenizer: Any) -> list[int]:
+    """The ids generation stops at: each stop string of the template (one token each) and EOS."""
+    ids = []
+    for text in template.stop_strings:
+        encoded = encode_text(tokenizer, text)
+        if len(encoded) != 1:
+            raise ValueError(f"stop string {text!r} is {len(encoded)} tokens; the loop needs single-token stops")
+        ids.append(encoded[0])
+    eos = getattr(tokenizer, "eos_id", getattr(tokenizer, "eos_token_id", None))
+    return sorted(set(ids) | ({eos} if eos is not None else set()))
+
+
+# ---- one token stream --------------------------------------------------------------------------------
+
+
+class Segment:
+    """One append-only token stream with what a RolloutBatch row needs for each token.
+
+    `add_turn` appends a generated turn from its generate record, `add_context` appends tokens we
+    wrote (tool results, the next generation prompt). Pure bookkeeping, no engine.
+    """
+
+    def __init__(self, prompt_ids: Sequence[int]):
+        self.prompt_ids = list(prompt_ids)
+        self.response_ids: list[int] = []
+        self.loss_mask: list[int] = []
+        self.logprobs: list[float] = []
+        self.kept: list[list[int] | None] = []  # per response position; None: sampling did not truncate
+        self.routing: list[np.ndarray] = []  # chunks covering fed positions [0, routed)
+        self.routed = 0
+        self.routing_mismatch = 0  # earlier positions whose routing a later prefill recomputed differently
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.response_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+    def add_turn(self, prompt: list[int], generated: list[int], logprobs: list[float],
+                 kept: list[list[int]] | None, routing: np.ndarray | None) -> None:
+        """Append a generated turn; `routing` covers the call's fed tokens, prompt + generated - 1."""
+        if prompt != self.tokens:
+            raise RuntimeError("the engine answered a different prompt than this stream's tokens")
+        if len(logprobs) != len(generated) or (kept is not None and len(kept) != len(generated)):
+            raise RuntimeError("a generate record has per-token fields of different lengths")
+        if routing is not None:
+            fed = len(prompt) + len(generated) - 1
+            if routing.shape[0] != fed:
+                raise RuntimeError(f"routing covers {routing.shape[0]} tokens, the turn fed {fed}")
+            if self.routed:
+                # The prefill recomputed routing we already hold; count where it changed (a diagnostic).
+                before = np.concatenate(self.routing)
+                self.routing_mismatch += int((before != routing[: self.routed]).any(axis=(1, 2)).sum())
+            self.routing.append(routing[self.routed:])
+            self.routed = fed
+        self.response_ids += generated
+        self.loss_mask += [1] * len(generated)
+        self.logprobs += list(logprobs)
+        self.kept += list(kept) if kept is not None else [None] * len(generated)
+
+    def add_context(self, ids: list[int]) -> None:
+        """Append tokens the model did not generate: not trained on, no log-prob, not truncated."""
+        self.response_ids += ids
+        self.loss_mask += [0] * len(ids)
+        self.logprobs += [0.0] * len(ids)
+        self.kept += [[]] * len(ids)
+
+    def row(self) -> dict:
+        """The RolloutBatch fields of this stream (routing as an array [fed tokens, moe_layers, top_k])."""
+        if self.routing and self.routed != len(self) - 1:
+            raise RuntimeError(f"routing covers {self.routed} tokens, the row feeds {len(self) - 1}")
+        truncated = any(k for k, m in zip(self.kept, self.loss_mask, strict=True) if m)
+        return dict(
+            prompt_ids=self.prompt_ids,
+            response_ids=self.response_ids,
+            loss_mask=self.loss_mask,
+            rollout_logprobs=self.logprobs,
+            # An empty kept set reads as "not truncated" in the trainer; those positions are masked anyway.
+            sampling_mask=[k or [] for k in self.kept] if truncated else None,
+            routed_experts=np.concatenate(self.routing) if self.routing else None,
+        )
+
+
+# ---- one episode -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Episode:
+    """The conversation, its current token stream and what happened so far."""
+
+    env: Environment
+    messages: list[Message]
+    segment: Segment
+    turns: int = 0
+    finish_reason: str = ""
+    answer: str | None = None
+    parse_error: str | None = None
+    segments: int = 1
+    routing_mismatch: int = 0  # of streams already cut by context management
+    context_records: list[dict] = field(default_factory=list)
+    pending: list = field(default_factory=list)  # tool calls of the last turn, to run
+
+    @property
+    def done(self) -> bool:
+        return bool(self.finish_reason)
+
+
+def fits(length: int, max_tokens: int, max_total_tokens: int) -> bool:
+    """Whether a prompt of `length` tokens leaves room for a full turn within the budget."""
+    return length + max_tokens <= max_total_tokens
+
+
+def read_turn(episode: Episode, template: ChatTemplate, text: str, max_turns: int) -> None:
+    """Parse a generated turn into the conversation; decide whether the episode ends or calls tools."""
+    episode.turns += 1
+    if not text.endswith(template.end_of_turn):
+        episode.finish_reason = TRUNCATED
+        return
+    parsed = template.parse(text)
+    if not parsed.ok:
+        episode.parse_error, episode.finish_reason = parsed.error, PARSE_ERROR
+        return
+    episode.messages.append(parsed.to_message())
+    if not parsed.tool_calls:
+        episode.answer, episode.finish_reason = parsed.content, STOP
+    elif episode.turns >= max_turns:
+        episode.finish_reason = MAX_TURNS  # no turn would read the results, so the calls are not run
+    else:
+        episode.pending = list(parsed.tool_calls)
+
+
+def run_tools(episode: Episode) -> list[Message]:
+    """Run the pending calls in order; one tool message per call."""
+    calls, episode.pending = episode.pending, []
+    return [Message("tool", episode.env.call(c.name, c.arguments), name=c.name) for c in calls]
+
+
+def continue_episode(episode: Episode, results: list[Message], template: ChatTemplate, tokenizer: Any,
+                     tools: list[dict], max_tokens: int, max_total_tokens: int, strategy: ContextStrategy,
+                     summarize: Callable[[list[Message]], str]) -> None:
+    """Append the tool results and the next generation prompt, making room first if they do not fit."""
+    before = template.render(episode.messages, add_generation_prompt=False, tools=tools)
+    episode.messages += results
+    after = template.render(episode.messages, add_generation_prompt=True, tools=tools)
+    if not after.startswith(before):
+        raise RuntimeError(f"template {template.name} rewrote the conversation when tool results were appended")
+    appended = encode_text(tokenizer, after[len(before):])
+    if fits(len(episode.segment) + len(appended), max_tokens, max_total_tokens):
+        episode.segment.add_context(appended)
+        return
+    if strategy == "none":
+        episode.finish_reason = CONTEXT
+        return
+    messages, record = make_room(episode.messages, strategy, summarize)
+    episode.context_records.append(record)
+    prompt = template.encode(messages, tokenizer, add_generation_prompt=True, tools=tools)
+    if not record["applied"] or not fits(len(prompt), max_tokens, max_total_tokens):
+        episode.finish_reason = CONTEXT
+        return
+    episode.routing_mismatch += episode.segment.routing_mismatch
+    episode.messages, episode.segment = messages, Segment(prompt)
+    episode.segments += 1
+
+
+def tool_results_summary(messages: list[Message], max_chars: int = 200) -> str:
+    """A model-free stand-in for a summary: the latest tool results, cut to `max_chars`."""
+    return " ".join(m.content for m in messages if m.role == "tool")[-max_chars:].strip()
+
+
+# ---- the loop ----------------------------------------------------------------------------------------
+
+
+def _generate(engine: Any, prompts: list[list[int]], sampling: dict, policy_version: int) -> pa.RecordBatch:
+    """One batched call: a RolloutClient takes (prompts, sampling, version), a RolloutWorker also indices."""
+    from rollout.worker import RolloutWorker
+
+    if isinstance(engine, RolloutWorker):
+        return engine.generate(prompts, list(range(len(prompts))), sampling, policy_version)
+    return engine.generate(prompts, sampling, policy_version)
+
+
+def run_episodes(
+    engine: Any,
+    envs: list[Environment],
+    template: ChatTemplate,
+    tokenizer: Any,
+    sampling: dict,
+    max_turns: int,
+    max_total_tokens: int,
+    context_strategy: ContextStrategy = "none",
+    policy_version: int = 0,
+    prompt_indices: list[int] | None = None,
+    system_prompt: str | None = None,
+    summarize: Callable[[list[Message]], str] | None = None,
+) -> tuple[pa.RecordBatch, dict[str, float]]:
+    """Play one episode per environment; one RolloutBatch row per episode, in `envs` order, and metrics.
+
+    engine: a `RolloutClient` or a `RolloutWorker`. sampling: as for `generate` (n is forced to 1, the
+    template's stop tokens are added; "seed" is shifted each round so turns do not share draws).
+    prompt_indices: the GRPO group of each episode (default: its position); sample_index counts within.
+    summarize: writes the summary for the "summary" strategy (default `tool_results_summary`).
+    Rows carry reward (`env.verify` of the final answer, 0 without one), reward_reason and
+    finish_reason, plus columns `turns`, `tool_calls` and `segments`.
+    """
+    if max_turns < 1 or not envs:
+        raise ValueError(f"need max_turns >= 1 and at least one environment, got {max_turns} and {len(envs)}")
+    prompt_indices = list(range(len(envs))) if prompt_indices is None else list(prompt_indices)
+    if len(prompt_indices) != len(envs):
+        raise ValueError(f"{len(envs)} environments but {len(prompt_indices)} prompt_indices")
+    max_tokens = sampling.get("max_tokens", 16)
+    stops = set(sampling.get("stop_token_ids", ())) | set(stop_token_ids(template, tokenizer))
+    base = {**sampling, "n": 1, "stop_token_ids": sorted(stops)}
+    summarize = summarize or tool_results_summary
+    calls_before = [(env.tool_calls, env.tool_errors) for env in envs]
+
+    episodes = []
+    for env in envs:
+        messages = ([Message("system", system_prompt)] if system_prompt else []) + [Message("user", env.task)]
+        prompt = template.encode(messages, tokenizer, add_generation_prompt=True, tools=env.tools)
+        if not fits(len(prompt), max_tokens, max_total_tokens):
+            raise ValueError(f"a task prompt of {len(prompt)} tokens + sampling.max_tokens={max_tokens} exceeds "
+                             f"max_total_tokens={max_total_tokens}")
+        episodes.append(Episode(env, messages, Segment(prompt)))
+
+    schema = None
+    with ThreadPoolExecutor(TOOL_THREADS) as pool:
+        for round_ in range(max_turns):
+            active = [e for e in episodes if not e.done]
+            if not active:
+                break
+            round_sampling = dict(base)
+            if base.get("seed") is not None:
+                round_sampling["seed"] = base["seed"] + round_ * len(episodes)  # requests add their position
+            batch = _generate(engine, [e.segment.tokens for e in active], round_sampling, policy_version)
+            schema = batch.schema
+            columns = {name: batch.column(name).to_pylist()
+                       for name in ("prompt_ids", "response_ids", "rollout_logprobs", "sampling_mask")}
+            for i, episode in enumerate(active):
+                generated = columns["response_ids"][i]
+                episode.segment.add_turn(columns["prompt_ids"][i], generated, columns["rollout_logprobs"][i],
+                                         columns["sampling_mask"][i], routing_of(batch, i))
+                read_turn(episode, template, decode_ids(tokenizer, generated), max_turns)
+            calling = [e for e in active if e.pending]
+            for episode, results in zip(calling, pool.map(run_tools, calling), strict=True):
+                continue_episode(episode, results, template, tokenizer, episode.env.tools, max_tokens,
+                                 max_total_tokens, context_strategy, summarize)
+
+    rows, seen = [], {}
+    for episode, group in zip(episodes, prompt_indices, strict=True):
+        rows.append(episode_row(episode, group, seen.get(group, 0), policy_version))
+        seen[group] = seen.get(group, 0) + 1
+    batch = make_rollout_batch(rows, schema)
+    tool_calls = [env.tool_calls - c for env, (c, _) in zip(envs, calls_before, strict=True)]
+    tool_errors = [env.tool_errors - e for env, (_, e) in zip(envs, calls_before, strict=True)]
+    for name, values, typ in (("turns", [e.turns for e in episodes], pa.int32()),
+                              ("tool_calls", tool_calls, pa.int32()),
+                              ("segments", [e.segments for e in episodes], pa.int32())):
+        batch = batch.append_column(pa.field(name, typ), pa.array(values, typ))
+    return batch, episode_metrics(episodes, rows, tool_calls, tool_errors)
+
+
+def episode_row(episode: Episode, prompt_index: int, sample_index: int, policy_version: int) -> dict:
+    """The RolloutBatch row of a finished episode: its last stream, scored by the environment."""
+    reward = 0.0 if episode.answer is None else float(episode.env.verify(episode.answer))
+    reason = "" if episode.answer is not None else episode.parse_error or f"no answer ({episode.finish_reason})"
+    return dict(episode.segment.row(), prompt_index=prompt_index, sample_index=sample_index,
+                finish_reason=episode.finish_reason, policy_version=policy_version, reward=reward,
+                reward_reason=reason)
+
+
+def episode_metrics(episodes: list[Episode], rows: list[dict], tool_calls: list[int],
+                    tool_errors: list[int]) -> dict[str, float]:
+    """Means per episode (turns, tool calls, lengths, reward), totals of errors, ends and context uses."""
+    n = max(len(episodes), 1)
+    lengths = [len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows]
+    metrics = {
+        "agent/episodes": float(len(episodes)),
+        "agent/turns": sum(e.turns for e in episodes) / n,
+        "agent/max_turns_used": float(max((e.turns for e in episodes), default=0)),
+        "agent/tool_calls": sum(tool_calls) / n,
+        "agent/tool_errors": float(sum(tool_errors)),
+        "agent/parse_errors": float(sum(e.finish_reason == PARSE_ERROR for e in episodes)),
+        "agent/episode_length": sum(lengths) / n,
+        "agent/generated_tokens": sum(sum(r["loss_mask"]) for r in rows) / n,
+        "agent/reward": sum(r["reward"] for r in rows) / n,
+        "agent/routing_replay_mismatch": float(sum(e.routing_mismatch + e.segment.routing_mismatch for e in episodes)),
+    }
+    for reason in (STOP, MAX_TURNS, CONTEXT, TRUNCATED, PARSE_ERROR):
+        metrics[f"agent/finish_{reason}"] = float(sum(e.finish_reason == reason for e in episodes))
+    metrics.update(context_metrics([r for e in episodes for r in e.context_records]))
+    return metrics
