@@ -232,7 +232,7 @@ def finetune(cfg: DictConfig, run_dir: Path, dataset: pa.Table, init: Path, keel
     """
     from rl.data import sample_indices, sft_tensors
     from rl.tokenizer import CharTokenizer
-    from trainer.group import TrainerGroup
+    from trainer.group import TrainerGroup, warmup_lr
 
     sft = cfg.sft
     ckpt = latest_sft_checkpoint(run_dir)
@@ -252,8 +252,7 @@ def finetune(cfg: DictConfig, run_dir: Path, dataset: pa.Table, init: Path, keel
         for step in bar:
             idx = sample_indices(len(prompts), sft.batch_size, cfg.run.seed + 2, step)
             tensors = sft_tensors([prompts[i] for i in idx], [responses[i] for i in idx], tokenizer)
-            lr = sft.lr * min(1.0, (step + 1) / max(sft.warmup_steps, 1))
-            m = group.sft_step(*tensors, lr=lr)
+            m = group.sft_step(*tensors, lr=warmup_lr(step, sft.lr, sft.warmup_steps))
             bar.set_postfix(loss=f"{m['sft_loss']:.3f}")
             done = step + 1
             if done == sft.steps or (sft.checkpoint_every and done % sft.checkpoint_every == 0):

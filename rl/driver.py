@@ -107,6 +107,8 @@ class Run:
 
     def warm_start(self, base: Path) -> Path:
         """SFT on the task's answers (sft.steps > 0) into init/; otherwise init/ is the base model."""
+        from trainer.group import warmup_lr
+
         init = self.dir / "init"
         if (init / "model" / "config.json").exists():
             return init / "model"
@@ -122,8 +124,7 @@ class Run:
             for step in bar:
                 idx = sample_indices(len(prompts), sft.batch_size, self.cfg.run.seed + 1, step)
                 tensors = sft_tensors([prompts[i] for i in idx], [answers[i] for i in idx], self.tokenizer)
-                lr = sft.lr * min(1.0, (step + 1) / max(sft.warmup_steps, 1))
-                m = group.sft_step(*tensors, lr=lr)
+                m = group.sft_step(*tensors, lr=warmup_lr(step, sft.lr, sft.warmup_steps))
                 bar.set_postfix(loss=f"{m['sft_loss']:.3f}")
             group.save(str(init), tokenizer_dir=str(base))
         finally:

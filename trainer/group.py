@@ -13,6 +13,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from trainer.worker import TrainerWorker
 
 
+def warmup_lr(step: int, base: float, warmup_steps: int) -> float:
+    """Linear warm-up to `base` over `warmup_steps` steps (step counts from 0), then constant."""
+    return base * min(1.0, (step + 1) / max(warmup_steps, 1))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))

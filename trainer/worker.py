@@ -215,9 +215,3 @@ class TrainerWorker:
 def _to_device(t: TrainTensors, device: torch.device) -> TrainTensors:
     moved = {f: (None if getattr(t, f) is None else getattr(t, f).to(device)) for f in t.__dataclass_fields__}
     return TrainTensors(**moved)
-
-
-def lr_at(step: int, base: float, warmup: int) -> float:
-    """Linear warm-up to `base` over `warmup` steps, then constant."""
-    return base * min(1.0, (step + 1) / max(warmup, 1)) if warmup > 0 else base
-
