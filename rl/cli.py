@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import textwrap
+from pathlib import Path
 
 EPILOG = textwrap.dedent(
     """\
@@ -56,6 +57,40 @@ def _cmd_warmup_indexer(args: argparse.Namespace) -> int:
         overrides = list(args.overrides) + ([f"model.checkpoint={args.checkpoint}"] if args.checkpoint else [])
         cfg = load_warmup_config(args.config, overrides)
     warmup_indexer(cfg, resume=args.resume, stop_after=args.stop_after)
+    return 0
+
+
+def _cmd_eval_agent(args: argparse.Namespace) -> int:
+    import json
+
+    from rl.agent import evaluate_context_strategies
+    from rl.config import load_config
+    from rollout.agent.context import STRATEGIES
+
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown or not strategies:
+        raise SystemExit(f"keel eval-agent: --strategies {args.strategies!r}: choose from {','.join(STRATEGIES)}")
+    cfg = load_config(args.config, [*args.overrides, "agent.enabled=true"])
+    if args.ray_address:
+        os.environ["RAY_ADDRESS"] = args.ray_address
+    table = evaluate_context_strategies(cfg, args.checkpoint, strategies, args.samples, args.greedy)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    a = cfg.agent
+    out = Table(title=f"{a.environment} (difficulty {a.difficulty}), context budget {a.max_total_tokens} tokens, "
+                      f"{a.eval_size} environments x {args.samples}, {'greedy' if args.greedy else 'sampled'}")
+    for column in ("strategy", "success", "over budget", "context uses/ep", "turns/ep", "tool calls/ep"):
+        out.add_column(column, justify="left" if column == "strategy" else "right")
+    for name, row in table.items():
+        out.add_row(name, f"{row['success']:.3f}", f"{row['over_budget']:.3f}", f"{row['context_uses']:.2f}",
+                    f"{row['turns']:.2f}", f"{row['tool_calls']:.2f}")
+    Console().print(out)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, "agent": dict(a), "samples": args.samples,
+                                               "greedy": args.greedy, "table": table}, indent=1))
     return 0
 
 
@@ -152,6 +187,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue the recipe in DIR; finished specialists are kept")
     p.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=_cmd_specialists)
+
+    p = sub.add_parser("eval-agent", help="an agent checkpoint's held-out success under each context strategy",
+                       description="Long-horizon evaluation: play the config's held-out environments with a "
+                       "checkpoint under each test-time context strategy (summary, discard_75, discard_all) and "
+                       "without management (none), at the config's context budget agent.max_total_tokens, and "
+                       "print one table.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=textwrap.dedent(
+                           """\
+                           examples:
+                             keel eval-agent configs/agent.yaml --checkpoint runs/agent-.../checkpoints/step_40/model
+                             keel eval-agent configs/agent.yaml agent.max_total_tokens=360 agent.max_turns=8 \\
+                                 --checkpoint DIR --samples 4 --json context.json
+                           """))
+    p.add_argument("config", help="the agent's keel train config, e.g. configs/agent.yaml")
+    p.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. agent.max_total_tokens=360")
+    p.add_argument("--checkpoint", required=True, help="HF model directory (with keel_tokenizer.json)")
+    p.add_argument("--strategies", default="none,discard_all,discard_75,summary",
+                   help="comma-separated, from none, discard_all, discard_75, summary")
+    p.add_argument("--samples", type=int, default=1, help="episodes per environment (sampled unless --greedy)")
+    p.add_argument("--greedy", action="store_true", help="top-1 decoding instead of the config's sampling")
+    p.add_argument("--json", default="", help="also write the table to this file")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=_cmd_eval_agent)
 
     p = sub.add_parser("distill", help="distil specialists into one model (sample, filter, SFT, evaluate)",
                        description="Sample each specialist of a `keel specialists` directory on its domain, keep "

@@ -14,6 +14,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from rollout.agent.config import AgentConfig
+
 
 @dataclass
 class ModelConfig:
@@ -130,6 +132,7 @@ class KeelConfig:
     rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)  # enabled: tool-use episodes instead of `data`
 
 
 class ConfigError(ValueError):
@@ -195,8 +198,36 @@ def _validate(cfg: DictConfig, source: str) -> None:
         problems.append("rewards: name at least one reward")
     if cfg.run.wandb_mode not in ("offline", "online", "disabled"):
         problems.append(f"run.wandb_mode={cfg.run.wandb_mode!r}: choose offline, online or disabled")
+    if cfg.agent.enabled:
+        problems += _agent_problems(cfg)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def _agent_problems(cfg: DictConfig) -> list[str]:
+    from rollout.agent.context import STRATEGIES
+    from rollout.agent.environments import ENVIRONMENTS
+    from rollout.agent.template import TEMPLATES
+
+    a, problems = cfg.agent, []
+    if a.environment != "mixed" and a.environment not in ENVIRONMENTS:
+        problems.append(f"agent.environment={a.environment!r}: choose mixed or one of {sorted(ENVIRONMENTS)}")
+    if a.difficulty not in (1, 2, 3):
+        problems.append(f"agent.difficulty={a.difficulty} must be 1, 2 or 3")
+    if a.template not in TEMPLATES:
+        problems.append(f"agent.template={a.template!r}: choose one of {sorted(TEMPLATES)}")
+    for key in ("context_strategy", "eval_context_strategy"):
+        if a[key] not in STRATEGIES:
+            problems.append(f"agent.{key}={a[key]!r}: choose one of {list(STRATEGIES)}")
+    if a.max_turns < 1:
+        problems.append("agent.max_turns must be >= 1")
+    if a.max_total_tokens > cfg.rollout.engine.max_model_len:
+        problems.append(f"agent.max_total_tokens={a.max_total_tokens} exceeds rollout.engine.max_model_len="
+                        f"{cfg.rollout.engine.max_model_len}: the engine could not hold a full episode")
+    if a.max_total_tokens <= cfg.rollout.max_tokens:
+        problems.append(f"agent.max_total_tokens={a.max_total_tokens} leaves no room for a prompt before "
+                        f"rollout.max_tokens={cfg.rollout.max_tokens} (the budget of one turn)")
+    return problems
 
 
 def to_yaml(cfg: DictConfig) -> str:

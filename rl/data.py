@@ -82,20 +82,31 @@ def sample_indices(n_rows: int, k: int, seed: int, step: int) -> list[int]:
 
 def sft_tensors(prompts: list[str], answers: list[str], tokenizer: CharTokenizer):
     """(input_ids, targets, loss_mask), right-padded: loss on the answer and its <eos> only."""
+    seqs, masks = [], []
+    for p, a in zip(prompts, answers, strict=True):
+        prompt, answer = tokenizer.encode(p), tokenizer.encode(a, bos=False) + [tokenizer.eos_id]
+        seqs.append(prompt + answer)
+        masks.append([0] * len(prompt) + [1] * len(answer))
+    return pad_sft_sequences(seqs, masks)
+
+
+def pad_sft_sequences(seqs: list[list[int]], masks: list[list[int]]):
+    """(input_ids, targets, loss_mask) for next-token training, right-padded with 0.
+
+    `masks[i][t]` = 1 trains token t of sequence i (predicted from the tokens before it); the first
+    token is never predicted.
+    """
     import torch
 
-    seqs, starts = [], []
-    for p, a in zip(prompts, answers, strict=True):
-        ids = tokenizer.encode(p)
-        starts.append(len(ids) - 1)
-        seqs.append(ids + tokenizer.encode(a, bos=False) + [tokenizer.eos_id])
     width = max(len(s) for s in seqs) - 1
     input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
     targets = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width)
-    for i, (s, start) in enumerate(zip(seqs, starts, strict=True)):
+    loss_mask = torch.zeros(len(seqs), width)
+    for i, (s, m) in enumerate(zip(seqs, masks, strict=True)):
+        if len(m) != len(s):
+            raise ValueError(f"sequence {i}: {len(s)} tokens but a loss mask of {len(m)}")
         t = torch.tensor(s)
         input_ids[i, : len(s) - 1] = t[:-1]
         targets[i, : len(s) - 1] = t[1:]
-        mask[i, start : len(s) - 1] = 1
-    return input_ids, targets, mask
+        loss_mask[i, : len(s) - 1] = torch.tensor(m[1:], dtype=torch.float32)
+    return input_ids, targets, loss_mask

@@ -288,9 +288,16 @@ def distill(cfg: DictConfig | None, resume: str | None = None, stop_after: str |
     cfg, run_dir = prepare_distill_dir(cfg, resume)
     source = Path(cfg.specialists)
     summary = json.loads((source / "summary.json").read_text())
-    names = list(summary["runs"])
     # Each domain as its specialist trained on it: data, held-out set, rewards and sampling limits.
-    keel_cfgs = {n: OmegaConf.load(Path(summary["runs"][n]) / "config.yaml") for n in names}
+    keel_cfgs = {n: OmegaConf.load(Path(run) / "config.yaml") for n, run in summary["runs"].items()}
+    agents = [n for n, c in keel_cfgs.items() if c.get("agent", {}).get("enabled")]
+    if agents:
+        print(f"keel: distill: skipping agent specialist(s) {agents}: distilling multi-turn episodes is not "
+              "supported yet (distill samples single-turn answers)")
+    keel_cfgs = {n: c for n, c in keel_cfgs.items() if n not in agents}
+    if not keel_cfgs:
+        raise ValueError(f"specialists={source}: no single-turn specialist to distil")
+    names = list(keel_cfgs)
     models = {k: Path(v) for k, v in summary["models"].items()}
     init = models["base"] if cfg.sft.init == "base" else Path(cfg.sft.init)
     print(f"keel: distill run directory {run_dir}; specialists from {source}")

@@ -1,5 +1,8 @@
 """`keel train`: supervised warm start, then GRPO steps of rollout -> reward -> update -> weight sync.
 
+The rollouts are answers to `data` prompts scored by `rewards`, or, with `agent.enabled`, multi-turn
+tool-use episodes in synthesized environments scored by their verifiers (rl/agent.py).
+
 A run directory holds everything needed to inspect and resume a run:
   config.yaml            the resolved configuration
   base/ init/            the starting model and the warm-started one (also the KL reference)
@@ -59,12 +62,23 @@ class Run:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg, self.dir = cfg, run_dir
         self.tokenizer = CharTokenizer()
+        self.agent = None
+        if cfg.get("agent", {}).get("enabled"):  # runs written before the agent section have none
+            from rl.agent import AgentTask
+
+            self.agent = AgentTask(cfg, self.tokenizer)
+            return
         self.train_set = load_dataset(cfg.data.task, cfg.data.train_size, cfg.data.seed, cfg.data.max_operand)
         eval_task = cfg.data.eval_task or cfg.data.task
         self.eval_set = load_dataset(eval_task, cfg.data.eval_size, cfg.data.eval_seed, cfg.data.max_operand)
         self.train_prompts = encode_prompts(self.train_set, self.tokenizer)
         self.eval_prompts = encode_prompts(self.eval_set, self.tokenizer)
         self._check_lengths()
+
+    @property
+    def num_train(self) -> int:
+        """How many prompts (or environments) a step's indices are drawn from."""
+        return len(self.agent.train_specs) if self.agent else len(self.train_prompts)
 
     def _check_lengths(self) -> None:
         longest = max(len(p) for p in self.train_prompts + self.eval_prompts) + self.cfg.rollout.max_tokens
@@ -117,19 +131,24 @@ class Run:
             shutil.copytree(base, init / "model", dirs_exist_ok=True)
             return init / "model"
         group = self.trainer_group(base, None, sft.lr)
-        prompts = self.train_set.column("prompt").to_pylist()
-        answers = [str(a) for a in self.train_set.column("answer").to_pylist()]
         bar = tqdm(range(sft.steps), desc="sft", unit="step")
         try:
             for step in bar:
-                idx = sample_indices(len(prompts), sft.batch_size, self.cfg.run.seed + 1, step)
-                tensors = sft_tensors([prompts[i] for i in idx], [answers[i] for i in idx], self.tokenizer)
-                m = group.sft_step(*tensors, lr=warmup_lr(step, sft.lr, sft.warmup_steps))
+                idx = sample_indices(self.num_train, sft.batch_size, self.cfg.run.seed + 1, step)
+                m = group.sft_step(*self.sft_batch(idx), lr=warmup_lr(step, sft.lr, sft.warmup_steps))
                 bar.set_postfix(loss=f"{m['sft_loss']:.3f}")
             group.save(str(init), tokenizer_dir=str(base))
         finally:
             group.shutdown()
         return init / "model"
+
+    def sft_batch(self, idx: list[int]):
+        """Supervised tensors: reference answers to the prompts, or the oracle's episodes (agents)."""
+        if self.agent:
+            return self.agent.sft_tensors(idx)
+        prompts = self.train_set.column("prompt").to_pylist()
+        answers = [str(a) for a in self.train_set.column("answer").to_pylist()]
+        return sft_tensors([prompts[i] for i in idx], [answers[i] for i in idx], self.tokenizer)
 
     # ---- rollouts, rewards, evaluation -----------------------------------------------------------
 
@@ -156,13 +175,34 @@ class Run:
         results = score_responses(responses, rows, specs, use_ray=True)
         return [r.score for r in results], [r.reason for r in results], responses
 
-    def evaluate(self, client) -> float:
-        """Held-out accuracy with greedy decoding: the fraction of responses that earn every reward in full."""
+    def rollout(self, client, idx: list[int], step: int) -> tuple[pa.RecordBatch, dict[str, float], list[str]]:
+        """The step's samples with `reward` and `reward_reason` filled, extra metrics, and response texts."""
+        if self.agent:
+            batch, metrics = self.agent.rollout(client, idx, self.sampling(step + 1), step)
+            texts = [self.tokenizer.decode(ids) for ids in batch.column("response_ids").to_pylist()]
+            return batch, metrics, texts
+        batch = client.generate([self.train_prompts[i] for i in idx], self.sampling(step + 1), policy_version=step)
+        t = time.perf_counter()
+        sample_rows = self.train_set.take(idx).to_pylist()
+        rows = [sample_rows[i] for i in batch.column("prompt_index").to_pylist()]
+        rewards, reasons, texts = self.score(batch, rows)
+        reward_time = {"time/reward": time.perf_counter() - t}
+        return with_columns(batch, reward=rewards, reward_reason=reasons), reward_time, texts
+
+    def full_reward(self) -> float:
+        """The reward of a fully correct response: every reward earned, or an environment's 1.0."""
+        return 1.0 if self.agent else sum(r.weight for r in self.cfg.rewards)
+
+    def evaluate(self, client) -> dict[str, float]:
+        """Held-out accuracy with greedy decoding (the fraction of responses that earn every reward in full, or
+        of episodes whose answer verifies) and mean reward; agents add turns and tool calls per episode."""
+        if self.agent:
+            return self.agent.evaluate(client, self.sampling(0, greedy=True))
         batch = client.generate(self.eval_prompts, self.sampling(0, greedy=True), policy_version=-1)
-        rows = self.eval_set.to_pylist()
-        scores, _, _ = self.score(batch, rows)
-        full = sum(r.weight for r in self.cfg.rewards)
-        return sum(s >= full - 1e-6 for s in scores) / len(scores)
+        scores, _, _ = self.score(batch, self.eval_set.to_pylist())
+        full = self.full_reward()
+        return {"eval/accuracy": sum(s >= full - 1e-6 for s in scores) / len(scores),
+                "eval/reward": sum(scores) / len(scores)}
 
 
 def prepare_run_dir(cfg: DictConfig, resume: str | None) -> tuple[DictConfig, Path]:
@@ -211,15 +251,16 @@ def _train(cfg: DictConfig, run_dir: Path) -> Path:
             trainer.load_optimizer(str(ckpt))
             print(f"keel: resumed from {ckpt} at step {state['step']}")
         if state["eval_before"] is None:
-            state["eval_before"] = run.evaluate(client)
-            logger.log(0, {"eval/accuracy": state["eval_before"]})
+            before = run.evaluate(client)
+            state["eval_before"], state["eval_before_metrics"] = before["eval/accuracy"], before
+            logger.log(0, before)
         bar = tqdm(range(state["step"], cfg.run.steps), desc="grpo", unit="step", initial=state["step"],
                    total=cfg.run.steps)
         for step in bar:
             metrics = rl_step(run, trainer, client, step)
             state["step"] = step + 1
             if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < cfg.run.steps:
-                metrics["eval/accuracy"] = run.evaluate(client)
+                metrics.update(run.evaluate(client))
             logger.log(step + 1, metrics)
             if metrics.get("skipped_minibatches"):
                 tqdm.write(f"keel: step {step + 1}: skipped {metrics['skipped_minibatches']:.0f} mini-batch(es) "
@@ -227,9 +268,15 @@ def _train(cfg: DictConfig, run_dir: Path) -> Path:
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl', 0):.4f}")
             if (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == cfg.run.steps:
                 save_run_checkpoint(run_dir, trainer, state, str(init), cfg.run.keep_checkpoints)
-        state["eval_after"] = run.evaluate(client)
-        logger.log(cfg.run.steps, {"eval/accuracy": state["eval_after"]})
+        after = run.evaluate(client)
+        state["eval_after"], state["eval_after_metrics"] = after["eval/accuracy"], after
+        logger.log(cfg.run.steps, after)
         (run_dir / "summary.json").write_text(json.dumps(state, indent=1))
+        if run.agent:
+            b = state.get("eval_before_metrics") or {}
+            print(f"keel: held-out episodes: turns {b.get('eval/turns', float('nan')):.2f} -> "
+                  f"{after['eval/turns']:.2f}, tool calls {b.get('eval/tool_calls', float('nan')):.2f} -> "
+                  f"{after['eval/tool_calls']:.2f} per episode")
         print(
             f"keel: held-out accuracy before RL {state['eval_before']:.3f} -> after RL {state['eval_after']:.3f}\n"
             f"keel: metrics {run_dir / 'metrics.jsonl'}, rollouts {run_dir / 'rollouts'}, "
@@ -246,18 +293,17 @@ def rl_step(run: Run, trainer, client, step: int) -> dict[str, float]:
     cfg = run.cfg
     times = {}
     t = time.perf_counter()
-    idx = sample_indices(len(run.train_prompts), cfg.rollout.prompts_per_step, cfg.run.seed, step)
-    batch = client.generate([run.train_prompts[i] for i in idx], run.sampling(step + 1), policy_version=step)
-    times["time/rollout"] = time.perf_counter() - t
+    idx = sample_indices(run.num_train, cfg.rollout.prompts_per_step, cfg.run.seed, step)
+    # Scoring happens inside: reward functions for prompts, the environment's verifier for agent episodes.
+    batch, rollout_metrics, texts = run.rollout(client, idx, step)
+    times["time/reward"] = rollout_metrics.pop("time/reward", 0.0)  # agents: verifiers run inside the episodes
+    times["time/rollout"] = time.perf_counter() - t - times["time/reward"]
 
-    t = time.perf_counter()
-    sample_rows = run.train_set.take(idx).to_pylist()
-    rows = [sample_rows[i] for i in batch.column("prompt_index").to_pylist()]
-    rewards, reasons, texts = run.score(batch, rows)
+    rewards = batch.column("reward").to_pylist()
+    reasons = batch.column("reward_reason").to_pylist()
     rewards_t = torch.tensor(rewards)
     advantages = group_advantages(rewards_t, cfg.rollout.group_size, normalize_std=cfg.grpo.normalize_std)
-    batch = with_columns(batch, reward=rewards, reward_reason=reasons, advantage=advantages.tolist())
-    times["time/reward"] = time.perf_counter() - t
+    batch = with_columns(batch, advantage=advantages.tolist())
 
     t = time.perf_counter()
     metrics = trainer.grpo_step(batch)
@@ -272,14 +318,18 @@ def rl_step(run: Run, trainer, client, step: int) -> dict[str, float]:
         (run.dir / "rollouts").mkdir(exist_ok=True)
         pq.write_table(dump, run.dir / "rollouts" / f"step_{step + 1:06d}.parquet")
 
-    lengths = [len(r) for r in batch.column("response_ids").to_pylist()]
+    # Generated tokens only: an agent episode's response also holds tool results (loss mask 0).
+    masks = batch.column("loss_mask").to_pylist()
+    lengths = [len(r) if m is None else sum(m) for r, m in zip(batch.column("response_ids").to_pylist(), masks,
+                                                                strict=True)]
     total_time = sum(times.values())
     metrics.update(times)
+    metrics.update(rollout_metrics)
     metrics.update(
         {
             "reward/mean": float(rewards_t.mean()),
             "reward/std": float(rewards_t.std()) if len(rewards) > 1 else 0.0,
-            "accuracy": float((rewards_t >= sum(r.weight for r in cfg.rewards) - 1e-6).float().mean()),
+            "accuracy": float((rewards_t >= run.full_reward() - 1e-6).float().mean()),
             "response_length": sum(lengths) / len(lengths),
             "reward_failures": float(sum(bool(r) for r in reasons)),
             "tokens_per_s": sum(lengths) / max(times["time/rollout"], 1e-9),

@@ -141,24 +141,40 @@ class MLA(nn.Module):
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         k_rope = apply_rope(k_rope[:, :, None, :], cos, sin, interleaved=True)[:, :, 0, :]
 
-        # Absorb W_UK into the queries: q_nope . (W_UK c_kv) = (W_UK^T q_nope) . c_kv.
+        c_kv = self.kv_a_layernorm(c_kv)
         wkv_b = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = wkv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        q_abs = torch.cat([torch.einsum("bthd,hdr->bthr", q_nope, w_uk), q_rope], dim=-1)
-        kv = torch.cat([self.kv_a_layernorm(c_kv), k_rope], dim=-1)
-
         # With no more tokens than index_topk, top-k keeps every earlier token: DSA is dense attention.
-        use_indexer = self.indexer is not None and (indexer_loss or (sparse and seqlen > self.index_topk))
+        select = sparse and seqlen > self.index_topk
+        use_indexer = self.indexer is not None and (indexer_loss or select)
+
+        def absorbed() -> tuple[torch.Tensor, torch.Tensor]:
+            # The MQA form: W_UK absorbed into the queries, q_nope . (W_UK c) = (W_UK^T q_nope) . c, so all
+            # heads share one 576-wide latent key/value per token (what the sparse kernel and the indexer KL use).
+            q_abs = torch.cat([torch.einsum("bthd,hdr->bthr", q_nope, w_uk), q_rope], dim=-1)
+            return q_abs, torch.cat([c_kv, k_rope], dim=-1)
+
         indices, loss = None, None
         if use_indexer:
             scores = self.indexer(x.detach(), q_latent.detach(), cos, sin)
-            if sparse and seqlen > self.index_topk:
+            if select:
                 indices = topk_indices(scores, self.index_topk)
             if indexer_loss:
+                q_abs, kv = absorbed()
                 loss = indexer_kl_loss(q_abs.detach(), kv.detach(), self.softmax_scale, scores, indices, query_mask)
 
-        o_latent, _ = sparse_mla_attention(q_abs, kv, indices, self.softmax_scale, self.kv_lora_rank)
-        o = torch.einsum("bthr,hvr->bthv", o_latent, w_uv)
+        if indices is None:
+            # Dense: the per-head form (keys nope+rope wide, not 576) through SDPA, the cheap way to train.
+            k_nope = torch.einsum("btr,hdr->bthd", c_kv, w_uk)
+            k = torch.cat([k_nope, k_rope[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
+            v = torch.einsum("btr,hvr->bthv", c_kv, w_uv)
+            q_full = torch.cat([q_nope, q_rope], dim=-1)
+            o = F.scaled_dot_product_attention(q_full.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, scale=self.softmax_scale).transpose(1, 2)
+        else:
+            q_abs, kv = absorbed()
+            o_latent, _ = sparse_mla_attention(q_abs, kv, indices, self.softmax_scale, self.kv_lora_rank)
+            o = torch.einsum("bthr,hvr->bthv", o_latent, w_uv)
         return self.o_proj(o.flatten(2)), loss
 
 

@@ -2,7 +2,9 @@
 
 Each specialist is an ordinary `keel train` run (rl/driver.py) whose `model.checkpoint` is the base and whose
 `sft.steps` is 0, so GRPO starts from the base itself; its data, rewards and hyper-parameters are the recipe's
-shared `train` section with the domain's own `train` section on top.
+shared `train` section with the domain's own `train` section on top. An agent domain (`agent: true`, `task` an
+environment kind: search, planner, codefix or mixed) trains on tool-use episodes (`agent.enabled`); it keeps its
+own `sft.steps`, a warm start on the scripted oracle's episodes, because the base has never seen the tool layout.
 
 Recipe directory:
   recipe.yaml                  the resolved recipe
@@ -35,6 +37,7 @@ from tqdm import tqdm
 
 from rl.config import ConfigError, RewardConfig, load_config, merge_config, to_yaml
 from rl.data import load_dataset
+from rollout.agent.environments import ENVIRONMENTS
 
 # ---- configuration ------------------------------------------------------------------------------
 
@@ -61,9 +64,10 @@ class BaseSection:
 @dataclass
 class DomainSection:
     name: str = ""
-    task: str = ""  # data.task: a generated task (addition, sort, arithmetic, logic) or a .parquet/.jsonl file
+    task: str = ""  # data.task: a generated task (addition, sort, arithmetic, logic) or a .parquet/.jsonl file;
+    # for an agent domain, the environment kind (agent.environment: search | planner | codefix | mixed)
     enabled: bool = True
-    agent: bool = False  # a multi-turn tool-use domain: needs the agent rollout loop in `keel train`
+    agent: bool = False  # a multi-turn tool-use domain: episodes in synthesized environments, no `rewards`
     rewards: list[RewardConfig] = field(default_factory=list)  # empty: the shared `train.rewards`
     train: dict[str, Any] = field(default_factory=dict)  # keel train keys over the shared `train` section
 
@@ -94,7 +98,14 @@ def _validate(cfg: DictConfig, source: str) -> None:
     for i, d in enumerate(cfg.domains):
         if not d.task:
             problems.append(f"domains[{i}] ({d.name}): task is empty")
+        if d.agent and d.task != "mixed" and d.task not in ENVIRONMENTS:
+            problems.append(f"domains[{i}] ({d.name}): an agent domain's task is an environment kind "
+                            f"(mixed or one of {sorted(ENVIRONMENTS)}), not {d.task!r}")
     if not cfg.base.checkpoint:
+        agents = [d.name for d in cfg.domains if d.agent and d.name in cfg.base.mixture]
+        if agents:
+            problems.append(f"base.mixture: {agents} are agent domains, which have no prompts to mix; their "
+                            "specialists warm-start on oracle episodes instead (the domain's sft.steps)")
         unknown = [n for n in cfg.base.mixture if n not in names]
         if not cfg.base.mixture or unknown:
             problems.append(f"base.mixture={list(cfg.base.mixture)}: name domains to SFT the base on "
@@ -113,13 +124,9 @@ def domain_config(recipe: DictConfig, domain: DictConfig, directory: Path, fixed
     The merged YAML is written to directory/<domain>.yaml first, so keel's own loader validates it and its
     errors name that file.
     """
-    if domain.agent:
-        raise NotImplementedError(
-            f"domain {domain.name!r} is a multi-turn tool-use domain: keel train has no agent rollout loop yet "
-            "(rollout/ has the environments and templates, not the loop); set enabled: false for now"
-        )
-    layers = [recipe.train, domain.train, {"data": {"task": domain.task}}]
-    if domain.rewards:
+    task = {"agent": {"enabled": True, "environment": domain.task}} if domain.agent else {"data": {"task": domain.task}}
+    layers = [recipe.train, domain.train, task]
+    if domain.rewards and not domain.agent:
         layers.append({"rewards": domain.rewards})  # a list in a merge replaces the shared one
     merged = OmegaConf.merge(*(OmegaConf.to_container(OmegaConf.create(x)) for x in layers))
     directory.mkdir(parents=True, exist_ok=True)
@@ -195,10 +202,8 @@ def checkpoint_tensors(model_dir: str | Path) -> dict:
 
 def evaluate_domain(run, client) -> dict[str, float]:
     """Greedy decoding on the domain's held-out set: mean reward and accuracy (every reward earned in full)."""
-    batch = client.generate(run.eval_prompts, run.sampling(0, greedy=True), policy_version=-1)
-    scores, _, _ = run.score(batch, run.eval_set.to_pylist())
-    full = sum(r.weight for r in run.cfg.rewards)
-    return {"reward": sum(scores) / len(scores), "accuracy": sum(s >= full - 1e-6 for s in scores) / len(scores)}
+    metrics = run.evaluate(client)
+    return {"reward": metrics["eval/reward"], "accuracy": metrics["eval/accuracy"]}
 
 
 def evaluate_models(models: dict[str, Path], domains: dict[str, DictConfig], work_dir: Path) -> dict:
@@ -289,7 +294,9 @@ def build_base(recipe: DictConfig, recipe_dir: Path, domains: dict[str, DictConf
 
 def specialist_config(recipe: DictConfig, domain: DictConfig, recipe_dir: Path, base: Path | str) -> DictConfig:
     """A domain's keel train config with the recipe's fixed keys: start from the base, no SFT, run dir here."""
-    fixed = ["sft.steps=0", f"run.output_dir={recipe_dir / 'specialists'}", f"run.name={domain.name}"]
+    fixed = [f"run.output_dir={recipe_dir / 'specialists'}", f"run.name={domain.name}"]
+    if not domain.agent:
+        fixed.append("sft.steps=0")
     if base:  # "" before the base exists: the config is only read for its data settings
         fixed.append(f"model.checkpoint={base}")
     if recipe.run.ray_address:
@@ -373,7 +380,8 @@ def train_sequentially(recipe_dir: Path, state: dict, configs: dict[str, DictCon
             # The run directory is recorded before training starts, so an interruption resumes this run.
             entry["run_dir"] = str(new_run_dir(cfg))
             write_state(recipe_dir, state)
-        print(f"keel: specialist {name!r}: GRPO on {cfg.data.task} in {entry['run_dir']}")
+        task = f"{cfg.agent.environment} environments" if cfg.agent.enabled else cfg.data.task
+        print(f"keel: specialist {name!r}: GRPO on {task} in {entry['run_dir']}")
         train(None, resume=entry["run_dir"])
 
 

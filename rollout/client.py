@@ -48,7 +48,7 @@ class RolloutClient:
 
     def generate(self, prompts: list[list[int]], sampling: dict, policy_version: int) -> pa.RecordBatch:
         """G = sampling["n"] rows per prompt, in prompt order; prompt_index = position in `prompts`."""
-        s = check_sampling(sampling, self.facts.vocab_size, self.engine["max_logprobs"])
+        s = check_sampling(sampling, self.facts.vocab_size, self.engine["max_logprobs"], kept_from_engine=not self.cuda)
         for p in prompts:
             serving.check_request(p, s["max_tokens"], self.facts, self.engine["max_model_len"], self.cuda)
         shares = [a.tolist() for a in np.array_split(np.arange(len(prompts)), len(self.workers)) if len(a)]
@@ -78,7 +78,13 @@ class RolloutClient:
         """CUDA: the `VLLMWeightSyncClient` that vLLM's trainer-side NCCL engine drives."""
         return WorkerWeightSyncClient(self.workers)
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Stop every worker. Each first shuts down its engine and removes its serving view (a killed
+        actor runs no exit handlers), then is killed; a worker that does not answer is killed anyway
+        and its view is left for the next view on the host to sweep (`serving.remove_stale_views`)."""
+        if self.workers:
+            refs = [w.shutdown.remote() for w in self.workers]
+            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         for w in self.workers:
             ray.kill(w, no_restart=True)
         self.workers = []

@@ -1,6 +1,6 @@
 """Code that runs inside vLLM's worker process (`worker_extension_cls`), reached by collective_rpc.
 
-Two jobs the engine does not do on CPU:
+Three jobs the engine does not do on CPU:
 
 Routing capture (Keep Routing). vLLM's native `enable_return_routed_experts` needs Model Runner V2,
 which needs Triton's GPU backend. Here every MoE router gets a capture callback that records the
@@ -8,6 +8,18 @@ step's top-k expert ids, and the model runner's `execute_model` is wrapped to cu
 ids into requests: the runner lays tokens out request after request in `input_batch.req_ids`
 order, `num_scheduled_tokens` tokens each, at the positions in `positions`. Ids are stored by
 position, so a request that is preempted and recomputed overwrites rather than duplicates.
+
+Kept-set capture (Keep Sampling Mask). vLLM's native `return_sampling_mask` also needs Model Runner
+V2. The engine runs with `logprobs_mode="processed_logprobs"`, so the top-k/top-p sampler returns
+the log-softmax of the distribution it draws from: -inf exactly outside the kept set. We wrap that
+sampler and record, per sampled row, the ids where it is finite. This reads the very tensor vLLM's
+log-prob candidates are gathered from, over the whole vocabulary, so the set is complete by
+construction (no candidate count to get right) and costs one `isfinite` + `nonzero` per step instead
+of building a Python `Logprob` object per candidate per token in the front end. Rows are mapped to
+requests with the runner's own bookkeeping: row i is `input_batch.req_ids[i]`, its sample is
+discarded when `discard_request_mask[i]` is set (a partial prefill), and otherwise it becomes
+output token number `len(requests[req_id].output_token_ids)` (the runner appends it only after
+sampling). Keying by that index makes a recomputed (preempted) request overwrite, not duplicate.
 
 Weight loading. vLLM's `reload_weights` restores each layer to checkpoint layout, loads, reruns
 the per-layer post-processing and copies the result into the live tensors. In vLLM 0.32 the
@@ -19,8 +31,6 @@ log-probs by ~5e-3. We rerun that step for every routed-experts layer after each
 """
 
 from __future__ import annotations
-
-from collections import defaultdict
 
 import numpy as np
 import torch
@@ -37,32 +47,81 @@ RotaryEmbedding.forward_cpu = RotaryEmbedding.forward_native
 class KeelWorkerExtension:
     """Mixed into vLLM's worker class; `self` is the worker (has `model_runner`)."""
 
-    # ---- routing capture -------------------------------------------------------------------
+    # ---- capture on / off ------------------------------------------------------------------
 
-    def keel_enable_routing_capture(self) -> int:
-        """Hook every MoE router; returns the number of MoE layers hooked."""
+    def keel_enable_capture(self, routing: bool, kept_sets: bool) -> int:
+        """Install the routing and/or kept-set hooks; returns the number of MoE routers hooked."""
         from vllm.model_executor.layers.fused_moe.layer import MoERunner
 
-        model = self.model_runner.get_model()
-        runners = sorted((m for m in model.modules() if isinstance(m, MoERunner)), key=lambda m: m.layer_id)
-        self._keel_step: dict[int, torch.Tensor] = {}
-        # request id -> list of (positions [n], expert ids [n, moe_layers, top_k])
-        self._keel_routing: dict[str, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
-        for i, runner in enumerate(runners):
-            runner.router.set_capture_fn(self._keel_capture_fn(i))
-        self._keel_num_layers = len(runners)
-
+        self.keel_disable_capture()  # idempotent: never wrap a wrapper
         runner = self.model_runner
-        execute_model = runner.execute_model
+        if runner.use_async_scheduling:
+            # The row -> output-index mapping below reads `output_token_ids` before the runner
+            # appends the new token, which only holds when sampling is synchronous (always on CPU).
+            raise RuntimeError("keel's capture hooks need vLLM's synchronous scheduling")
+        # One entry per engine step, kept as whole arrays (no per-request Python work while decoding);
+        # `keel_take` sorts them out per request with a few vectorised passes.
+        # routing: (request ids, tokens per request, positions [T], sorted expert ids [T, layers, top_k])
+        self._keel_routing: list[tuple[list[str], np.ndarray, np.ndarray, np.ndarray]] = []
+        # kept sets: (request ids, output index per row, kept count per row, kept ids, rows after each other)
+        self._keel_kept: list[tuple[list[str], np.ndarray, np.ndarray, np.ndarray]] = []
+        self._keel_step: dict[int, torch.Tensor] = {}
+        self._keel_routers = []
+        if routing:
+            model = runner.get_model()
+            moe = sorted((m for m in model.modules() if isinstance(m, MoERunner)), key=lambda m: m.layer_id)
+            for i, moe_runner in enumerate(moe):
+                moe_runner.router.set_capture_fn(self._keel_capture_fn(i))
+            self._keel_routers = [m.router for m in moe]
+            execute_model = runner.execute_model
 
-        def execute_and_split(scheduler_output, *args, **kwargs):
-            self._keel_step.clear()
-            out = execute_model(scheduler_output, *args, **kwargs)
-            self._keel_split_step(scheduler_output)
-            return out
+            def execute_and_split(scheduler_output, *args, **kwargs):
+                self._keel_step.clear()
+                out = execute_model(scheduler_output, *args, **kwargs)
+                self._keel_split_step(scheduler_output)
+                return out
 
-        runner.execute_model = execute_and_split
-        return len(runners)
+            self._keel_execute_model = execute_model
+            runner.execute_model = execute_and_split
+        if kept_sets:
+            sampler = runner.sampler.topk_topp_sampler
+            if sampler.logprobs_mode != "processed_logprobs":
+                raise RuntimeError("kept-set capture reads processed log-probs: start the engine with "
+                                   'logprobs_mode="processed_logprobs"')
+            forward = sampler.forward  # the platform's bound forward (forward_cpu here)
+
+            def forward_and_record(logits, generators, k, p):
+                sampled, processed = forward(logits, generators, k, p)
+                if k is not None or p is not None:  # else nothing in the batch truncates
+                    self._keel_record_kept(processed)
+                return sampled, processed
+
+            self._keel_sampler_forward = forward
+            sampler.forward = forward_and_record
+        return len(self._keel_routers)
+
+    def keel_disable_capture(self) -> None:
+        """Remove every keel hook: the engine runs exactly as vLLM built it (for like-for-like timing)."""
+        runner = self.model_runner
+        for router in getattr(self, "_keel_routers", []):
+            router.set_capture_fn(None)
+        self._keel_routers = []
+        if getattr(self, "_keel_execute_model", None) is not None:
+            runner.execute_model = self._keel_execute_model
+            self._keel_execute_model = None
+        forward = getattr(self, "_keel_sampler_forward", None)
+        if forward is not None:
+            runner.sampler.topk_topp_sampler.forward = forward
+            self._keel_sampler_forward = None
+        self.keel_clear()
+
+    def keel_clear(self) -> None:
+        """Drop captures of requests that will never be taken (e.g. after a failed generate)."""
+        for store in ("_keel_routing", "_keel_kept"):
+            if hasattr(self, store):
+                getattr(self, store).clear()
+
+    # ---- routing -----------------------------------------------------------------------------
 
     def _keel_capture_fn(self, layer: int):
         def capture(topk_ids: torch.Tensor) -> None:
@@ -71,47 +130,90 @@ class KeelWorkerExtension:
         return capture
 
     def _keel_split_step(self, scheduler_output) -> None:
-        if len(self._keel_step) != self._keel_num_layers:
+        if len(self._keel_step) != len(self._keel_routers):
             return  # no forward pass this step (or not every MoE layer ran)
         runner = self.model_runner
         counts = [scheduler_output.num_scheduled_tokens[r] for r in runner.input_batch.req_ids]
         total = sum(counts)
-        ids = torch.stack([self._keel_step[i][:total] for i in range(self._keel_num_layers)], dim=1)
+        ids = torch.stack([self._keel_step[i][:total] for i in range(len(self._keel_routers))], dim=1)
         ids = np.sort(ids.numpy(), axis=-1).astype(np.uint16)  # order within a token carries nothing
         positions = runner.positions[:total].to("cpu").numpy().copy()
-        start = 0
-        for req_id, n in zip(runner.input_batch.req_ids, counts, strict=True):
-            piece = (positions[start : start + n], ids[start : start + n])
-            self._keel_routing[_external_id(req_id)].append(piece)
-            start += n
+        requests = [_external_id(r) for r in runner.input_batch.req_ids]
+        self._keel_routing.append((requests, np.asarray(counts), positions, ids))
 
-    def keel_take_routing(self, request_ids: list[str]) -> dict[str, tuple[bytes, tuple[int, ...]]]:
-        """Pop the routing of finished requests: {id: (uint16 bytes, shape [tokens, layers, top_k])}.
+    # ---- kept sets ---------------------------------------------------------------------------
 
+    def _keel_record_kept(self, processed: torch.Tensor) -> None:
+        runner = self.model_runner
+        batch = runner.input_batch
+        if processed.shape[0] != batch.num_reqs:
+            return  # not a regular decode step (a warm-up or dummy run)
+        sampled = ~runner.discard_request_mask.np[: batch.num_reqs]  # partial prefills sample nothing
+        rows = np.flatnonzero(sampled)
+        kept = torch.isfinite(processed[torch.from_numpy(rows)])
+        counts = kept.sum(dim=1).numpy()
+        # nonzero walks row-major, so each row's ids come out ascending: the sorted kept set.
+        ids = kept.nonzero()[:, 1].to(torch.int32).numpy()
+        requests = [batch.req_ids[i] for i in rows]
+        index = np.fromiter((len(runner.requests[r].output_token_ids) for r in requests), np.int64, len(rows))
+        self._keel_kept.append(([_external_id(r) for r in requests], index, counts, ids))
+
+    def keel_take(
+        self, requests: list[tuple[str, int]], routing: bool, kept_sets: bool
+    ) -> tuple[bytes, bytes, tuple[int, ...], bytes, bytes]:
+        """Hand over the captures of a finished batch, [(request id, generated tokens)], in that order.
+
+        The keel worker drives the engine synchronously, one batch at a time, so everything captured
+        since the last take belongs to this batch; whatever it does not ask for is dropped.
+
+        Returns (routing: uint16 ids [sum of tokens, layers, top_k] bytes, tokens per request int64 bytes,
+        shape of one token's ids; kept sets: ids int32 bytes, ids per generated position int32 bytes),
+        each request's rows after the previous one's, and b"" / () for what was not asked for.
         Bytes rather than arrays so the rpc reply needs no pickling.
         """
-        out = {}
-        for rid in request_ids:
-            pieces = self._keel_routing.pop(rid, [])
-            if not pieces:
-                raise RuntimeError(f"no routing was captured for request {rid}")
-            n = max(int(p.max()) for p, _ in pieces) + 1
-            full = np.zeros((n, *pieces[0][1].shape[1:]), dtype=np.uint16)
-            seen = np.zeros(n, dtype=bool)
-            for pos, ids in pieces:
-                full[pos] = ids
-                seen[pos] = True
-            if not seen.all():
-                raise RuntimeError(
-                    f"routing of request {rid} misses positions {np.flatnonzero(~seen)[:8].tolist()}: "
-                    "prefix caching must be off while routing is captured"
-                )
-            out[rid] = (full.tobytes(), full.shape)
-        return out
+        code = {rid: i for i, (rid, _) in enumerate(requests)}
+        routed, per_request, shape = b"", b"", ()
+        steps, self._keel_routing = self._keel_routing, []
+        if routing:
+            ids, tokens = self._keel_take_routing(steps, code)
+            routed, per_request, shape = ids.tobytes(), tokens.astype(np.int64).tobytes(), ids.shape[1:]
+        kept, counts = b"", b""
+        steps, self._keel_kept = self._keel_kept, []
+        if kept_sets:
+            lengths = np.array([n for _, n in requests], dtype=np.int64)
+            ids, per_position = self._keel_take_kept(steps, code, lengths)
+            kept, counts = ids.tobytes(), per_position.astype(np.int32).tobytes()
+        return routed, per_request, shape, kept, counts
 
-    def keel_clear_routing(self) -> None:
-        """Drop routing of requests that will never be taken (e.g. after a failed generate)."""
-        self._keel_routing.clear()
+    def _keel_take_routing(self, steps: list, code: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids of every wanted token, request by request in position order; tokens per request)."""
+        req = np.concatenate([np.repeat([code.get(r, -1) for r in names], n) for names, n, _, _ in steps] or [[]])
+        pos = np.concatenate([p for _, _, p, _ in steps] or [[]]).astype(np.int64)
+        rows, per_request = _latest_rows(req.astype(np.int64), pos, len(code))
+        missing = [rid for rid, i in code.items() if per_request[i] == 0]
+        if missing:
+            raise RuntimeError(f"no routing was captured for requests {missing[:4]}")
+        _check_complete(pos[rows], per_request, code, "routing",
+                        ": prefix caching must be off while routing is captured")
+        return np.concatenate([ids for *_, ids in steps])[rows], per_request
+
+    def _keel_take_kept(self, steps: list, code: dict[str, int], lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(kept ids of every wanted position, request by request in output order; ids per position)."""
+        req = np.concatenate([[code.get(r, -1) for r in names] for names, *_ in steps] or [[]]).astype(np.int64)
+        index = np.concatenate([i for _, i, _, _ in steps] or [[]]).astype(np.int64)
+        count = np.concatenate([c for _, _, c, _ in steps] or [[]]).astype(np.int64)
+        flat = np.concatenate([f for *_, f in steps] or [np.zeros(0, np.int32)])
+        rows, per_request = _latest_rows(req, index, len(code))
+        if not np.array_equal(per_request, lengths):
+            bad = int(np.flatnonzero(per_request != lengths)[0])
+            rid = next(r for r, i in code.items() if i == bad)
+            raise RuntimeError(f"{per_request[bad]} kept sets were captured for request {rid}, "
+                               f"which generated {lengths[bad]} tokens")
+        _check_complete(index[rows], per_request, code, "kept sets", "")
+        start = np.cumsum(count) - count  # where each row's ids begin in `flat`
+        n = count[rows]
+        gather = np.repeat(start[rows] - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))
+        return flat[gather], n
 
     # ---- weights ---------------------------------------------------------------------------
 
@@ -144,3 +246,26 @@ class KeelWorkerExtension:
 def _external_id(req_id: str) -> str:
     """vLLM appends "-<8 random chars>" to the id the caller gave (InputProcessor.assign_request_id)."""
     return req_id.rsplit("-", 1)[0]
+
+
+def _latest_rows(request: np.ndarray, key: np.ndarray, num_requests: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of wanted requests (request >= 0) ordered by (request, key), the last capture of each key
+    winning (a preempted request is recomputed and captured again); and the row count per request."""
+    arrival = np.arange(len(request))
+    order = np.lexsort((arrival, key, request))
+    order = order[request[order] >= 0]
+    r, k = request[order], key[order]
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = (r[1:] != r[:-1]) | (k[1:] != k[:-1])
+    rows = order[last]
+    return rows, np.bincount(request[rows], minlength=num_requests)
+
+
+def _check_complete(keys: np.ndarray, per_request: np.ndarray, code: dict[str, int], what: str, hint: str) -> None:
+    """Each request's sorted, de-duplicated keys must be exactly 0, 1, ..., n-1."""
+    expected = np.arange(len(keys)) - np.repeat(np.cumsum(per_request) - per_request, per_request)
+    if not np.array_equal(keys, expected):
+        bad = np.flatnonzero(keys != expected)[0]
+        request = int(np.searchsorted(np.cumsum(per_request), bad, side="right"))
+        rid = next(r for r, i in code.items() if i == request)
+        raise RuntimeError(f"{what} of request {rid} misses position {int(expected[bad])}{hint}")

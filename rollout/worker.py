@@ -10,8 +10,10 @@ finish reason, and:
                   (keel forces the recorded ids as a set), and sorting makes CPU and CUDA paths,
                   and vLLM and keel, compare equal. CUDA: vLLM's `enable_return_routed_experts`;
                   CPU: router hooks in `rollout.engine_extension`.
-  sampling_mask   kept token ids per response position, from `processed_logprobs` candidates
-                  (`rollout.sampling_mask`); null when sampling does not truncate the vocabulary.
+  sampling_mask   kept token ids per response position, sorted; null when sampling does not
+                  truncate the vocabulary. CPU: recorded inside the engine from the sampler's
+                  processed log-probs over the whole vocabulary (`rollout.engine_extension`);
+                  CUDA: read off `processed_logprobs` candidates (`rollout.sampling_mask`).
 
 The engine runs with `logprobs_mode="processed_logprobs"`, so the reported log-prob is that of the
 distribution the token was drawn from (after temperature, top-k and top-p): pi_old as sampled.
@@ -59,6 +61,9 @@ class RolloutWorker:
         self.expected_weights = weight_sync.checkpoint_shapes(checkpoint_dir)
         self.schema = rollout_schema(self.facts.moe_layers, self.facts.top_k, self.facts.n_routed_experts)
         self.version = 0
+        # The CPU path records routing and kept sets inside the engine (`rollout.engine_extension`).
+        self.capture_routing = not self.cuda and self.facts.moe_layers > 0
+        self.capture_kept = not self.cuda
 
         # Read by vLLM when the engine starts, in this process and the ones it spawns.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg["kv_cache_space_gib"])
@@ -74,8 +79,9 @@ class RolloutWorker:
                 enable_prefix_caching=False,
                 worker_extension_cls="rollout.engine_extension.KeelWorkerExtension",
             )
+        self.serving = serving.ServingView(checkpoint_dir, self.cuda)
         self.llm = LLM(
-            serving.serving_dir(checkpoint_dir, self.cuda),
+            self.serving.path,
             skip_tokenizer_init=True,
             dtype=cfg["dtype"],
             max_model_len=cfg["max_model_len"],
@@ -88,15 +94,26 @@ class RolloutWorker:
             logprobs_mode="processed_logprobs",
             **extra,
         )
-        # A checkpoint without MoE layers has no routing to record.
-        self.capture_routing = not self.cuda and self.facts.moe_layers > 0
-        if self.capture_routing:
-            hooked = self.llm.collective_rpc("keel_enable_routing_capture")[0]
-            if hooked != self.facts.moe_layers:
-                raise RuntimeError(f"hooked {hooked} MoE routers, the checkpoint has {self.facts.moe_layers}")
+        self.enable_capture()
+
+    def enable_capture(self) -> None:
+        """(Re)install the CPU engine's routing and kept-set hooks; a no-op on CUDA."""
+        if not self.capture_routing and not self.capture_kept:
+            return
+        hooked = self.llm.collective_rpc("keel_enable_capture", args=(self.capture_routing, self.capture_kept))[0]
+        if self.capture_routing and hooked != self.facts.moe_layers:
+            raise RuntimeError(f"hooked {hooked} MoE routers, the checkpoint has {self.facts.moe_layers}")
 
     def ping(self) -> dict:
-        return {"pid": os.getpid(), "version": self.version, "cuda": self.cuda}
+        return {"pid": os.getpid(), "version": self.version, "cuda": self.cuda, "serving_dir": self.serving.path}
+
+    def shutdown(self) -> None:
+        """Stop the engine and remove the CPU serving view. The worker is unusable afterwards."""
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+        self.serving.cleanup()
 
     # ---- sampling --------------------------------------------------------------------------
 
@@ -106,13 +123,17 @@ class RolloutWorker:
         """G = sampling["n"] samples per prompt; rows in prompt order, G consecutive rows each."""
         from vllm import SamplingParams
 
-        s = check_sampling(sampling, self.facts.vocab_size, self.max_logprobs)
+        s = check_sampling(sampling, self.facts.vocab_size, self.max_logprobs, kept_from_engine=self.capture_kept)
         if len(prompts) != len(prompt_indices):
             raise ValueError(f"{len(prompts)} prompts but {len(prompt_indices)} prompt_indices")
         for p in prompts:
             serving.check_request(p, s["max_tokens"], self.facts, self.max_model_len, self.cuda)
 
-        n_cand, G = s["logprobs_candidates"], s["n"]
+        G = s["n"]
+        truncating = sampling_mask.truncates(s["top_k"], s["top_p"], self.facts.vocab_size)
+        take_kept = truncating and self.capture_kept
+        # Candidates only where the kept set is read off them (CUDA); otherwise just the sampled token's.
+        n_cand = 0 if self.capture_kept else s["logprobs_candidates"]
         # G copies of each prompt rather than n=G: one engine request, one routing record per sample.
         requests = [{"prompt_token_ids": list(p)} for p in prompts for _ in range(G)]
         params = [
@@ -131,14 +152,12 @@ class RolloutWorker:
         ]
         try:
             outputs = self.llm.generate(requests, params, use_tqdm=False)
+            captured = self._take_captures(outputs, take_kept)
         except Exception:
-            if self.capture_routing:
-                self.llm.collective_rpc("keel_clear_routing")
+            if self.capture_routing or self.capture_kept:
+                self.llm.collective_rpc("keel_clear")
             raise
-        if self.capture_routing:
-            routing = self.llm.collective_rpc("keel_take_routing", args=([o.request_id for o in outputs],))[0]
 
-        truncating = sampling_mask.truncates(s["top_k"], s["top_p"], self.facts.vocab_size)
         rdtype = routing_dtype(self.facts.n_routed_experts)
         rows = []
         for i, out in enumerate(outputs):
@@ -146,20 +165,19 @@ class RolloutWorker:
             prompt, response = list(out.prompt_token_ids), list(c.token_ids)
             logprobs = [step[t].logprob for t, step in zip(response, c.logprobs, strict=True)]
             mask = None
-            if truncating:
+            if truncating and not take_kept:
                 mask = [
                     sampling_mask.kept_set({t: lp.logprob for t, lp in step.items()}, n_cand, s["top_k"],
                                            self.facts.vocab_size)
                     for step in c.logprobs
                 ]
             fed = len(prompt) + len(response) - 1
-            if self.facts.moe_layers == 0:
-                ids = None
-            elif self.cuda:
+            if self.cuda and self.facts.moe_layers > 0:
                 ids = np.sort(np.asarray(c.routed_experts), axis=-1)
+            elif self.capture_routing:
+                ids = captured["routing"][i]
             else:
-                raw, shape = routing[out.request_id]
-                ids = np.frombuffer(raw, dtype=np.uint16).reshape(shape)
+                ids = None  # no MoE layers: no routing to record
             expected = (self.facts.moe_layers, self.facts.top_k)
             if ids is not None and (ids.shape[0] < fed or ids.shape[1:] != expected):
                 raise RuntimeError(
@@ -177,7 +195,32 @@ class RolloutWorker:
                 finish_reason=c.finish_reason,
                 policy_version=policy_version,
             ))
-        return make_rollout_batch(rows, self.schema)
+        batch = make_rollout_batch(rows, self.schema)
+        if take_kept:
+            # Built straight from the engine's flat arrays: no Python list per position.
+            column = _kept_set_column(captured["kept_ids"], captured["kept_counts"], batch.column("response_ids"))
+            index = self.schema.get_field_index("sampling_mask")
+            batch = batch.set_column(index, self.schema.field(index), column)
+        return batch
+
+    def _take_captures(self, outputs: list, take_kept: bool) -> dict:
+        """The CPU engine's routing (per sample, [tokens, layers, top_k]) and kept sets (flat) of a batch."""
+        # Taken whenever a hook is on, even if nothing is wanted: a take also drains the engine's stores.
+        if not outputs or not (self.capture_routing or self.capture_kept):
+            return {}
+        requests = [(o.request_id, len(o.outputs[0].token_ids)) for o in outputs]
+        routed, per_request, shape, kept, counts = self.llm.collective_rpc(
+            "keel_take", args=(requests, self.capture_routing, take_kept)
+        )[0]
+        captured = {}
+        if self.capture_routing:
+            ids = np.frombuffer(routed, dtype=np.uint16).reshape(-1, *shape)
+            ends = np.cumsum(np.frombuffer(per_request, dtype=np.int64))
+            captured["routing"] = [ids[end - n : end] for n, end in zip(np.diff(ends, prepend=0), ends, strict=True)]
+        if take_kept:
+            captured["kept_ids"] = np.frombuffer(kept, dtype=np.int32)
+            captured["kept_counts"] = np.frombuffer(counts, dtype=np.int32)
+        return captured
 
     # ---- weights ---------------------------------------------------------------------------
 
@@ -226,8 +269,13 @@ class RolloutWorker:
         self.llm.wake_up()
 
 
-def check_sampling(sampling: dict, vocab_size: int, max_logprobs: int) -> dict:
-    """Sampling settings with defaults filled in, or a ValueError naming the bad field."""
+def check_sampling(sampling: dict, vocab_size: int, max_logprobs: int, kept_from_engine: bool = False) -> dict:
+    """Sampling settings with defaults filled in, or a ValueError naming the bad field.
+
+    kept_from_engine: the worker records kept sets inside the engine (CPU), so no log-prob
+    candidates are needed and `logprobs_candidates` is ignored; otherwise (CUDA) it is resolved to
+    the number of candidates the kept set is read from.
+    """
     unknown = set(sampling) - set(SAMPLING_DEFAULTS) - {"seed"}
     if unknown:
         raise ValueError(f"unknown sampling settings {sorted(unknown)}; known: {sorted(SAMPLING_DEFAULTS)}")
@@ -245,6 +293,9 @@ def check_sampling(sampling: dict, vocab_size: int, max_logprobs: int) -> dict:
     bad = [t for t in s["stop_token_ids"] if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"sampling.stop_token_ids has {bad[0]}, outside the vocabulary [0, {vocab_size})")
+    if kept_from_engine:
+        s["logprobs_candidates"] = 0
+        return s
     s["logprobs_candidates"] = sampling_mask.candidates_needed(
         s["top_k"], s["top_p"], vocab_size, s["logprobs_candidates"]
     )
@@ -254,3 +305,20 @@ def check_sampling(sampling: dict, vocab_size: int, max_logprobs: int) -> dict:
             f"engine.max_logprobs={max_logprobs}"
         )
     return s
+
+
+def _kept_set_column(ids: np.ndarray, counts: np.ndarray, responses: pa.ListArray) -> pa.ListArray:
+    """The sampling_mask column, list<list<int32>>, from every position's kept ids after each other.
+
+    Checks that each position's kept set holds the token sampled there: a cheap guard on the
+    engine-side bookkeeping that maps sampler rows to requests and output positions.
+    """
+    tokens = responses.flatten().to_numpy()
+    if len(counts) != len(tokens):
+        raise RuntimeError(f"{len(counts)} kept sets for {len(tokens)} generated tokens")
+    starts = np.cumsum(counts) - counts
+    hit = np.repeat(tokens, counts) == ids
+    if (counts == 0).any() or not np.logical_or.reduceat(hit, starts).all():
+        raise RuntimeError("a sampled token is missing from its recorded kept set")
+    inner = pa.ListArray.from_arrays(pa.array(np.append(starts, len(ids)).astype(np.int32)), pa.array(ids))
+    return pa.ListArray.from_arrays(responses.offsets, inner)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
+import pyarrow as pa
 import pytest
 
-from rollout.agent.context import SUMMARY_PREFIX, context_metrics, make_room, split_history
+from rl.tokenizer import CharTokenizer
+from rollout.agent.context import SUMMARY_PREFIX, context_metrics, make_room, split_history, summary_input
+from rollout.agent.deepseek_v32 import EOS
+from rollout.agent.environments.base import PLAIN_CHARS
+from rollout.agent.loop import SUMMARY_INSTRUCTION, ModelSummarizer, read_summary
 from rollout.agent.messages import Message, ToolCall
 from rollout.agent.template import CompactTemplate, DeepSeekV32Template
 
@@ -127,3 +134,124 @@ def test_metrics_count_every_use():
     assert metrics["context/summary_uses"] == 1 and metrics["context/discard_75_uses"] == 2
     assert metrics["context/discard_all_uses"] == 0
     assert metrics["context/dropped_rounds"] == 8 + 6 + 6
+
+
+def test_summary_input_is_what_make_room_summarises():
+    seen = []
+    first, _ = make_room(LONG, "summary", lambda m: "first")
+    for messages in (LONG, first + rounds(2, start=9)):
+        make_room(messages, "summary", lambda m: seen.append(m) or "x")
+        assert seen[-1] == summary_input(messages)
+    assert summary_input(HEAD) == []
+
+
+# ---- the model-written summary: its request and how its answer is read --------------------------------
+
+
+class PieceTokenizer:
+    """A stand-in for the V3.2 Hugging Face tokenizer: one id per character, one per special token."""
+
+    eos_token_id = 0
+    _pieces = re.compile(r"<｜[^｜]*｜>|.", re.DOTALL)
+
+    def __init__(self):
+        self.vocab = {EOS: 0}
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [self.vocab.setdefault(piece, len(self.vocab)) for piece in self._pieces.findall(text)]
+
+
+LAYOUTS = pytest.mark.parametrize("template, tokenizer", [(CompactTemplate(), CharTokenizer()),
+                                                          (DeepSeekV32Template(), PieceTokenizer())],
+                                  ids=["compact", "deepseek"])
+ASK = [Message("user", SUMMARY_INSTRUCTION)]
+SUMMARY_TOKENS = 30
+
+
+def summarizer(template, tokenizer, budget: int, engine=None) -> ModelSummarizer:
+    return ModelSummarizer(engine, template, tokenizer, {"max_tokens": SUMMARY_TOKENS}, max_total_tokens=budget)
+
+
+def test_the_instruction_is_plain_compact_text():
+    assert set(SUMMARY_INSTRUCTION) <= PLAIN_CHARS
+
+
+@LAYOUTS
+def test_a_summary_request_is_the_dropped_part_then_the_instruction(template, tokenizer):
+    dropped = summary_input(LONG)
+    summary = summarizer(template, tokenizer, budget=10_000)
+    prompt = summary.request(dropped)
+    assert prompt == template.encode(dropped + ASK, tokenizer, add_generation_prompt=True)
+    text = template.render(dropped + ASK)
+    # Not the head: the model summarises the steps, with every call and result it made.
+    assert "be brief" not in text and "find the year" not in text
+    assert all(f"q{k}0" in text and f"result {k}0" in text for k in range(1, 9))
+    assert text.endswith({"compact": f"u:{SUMMARY_INSTRUCTION}|a:<",
+                          "deepseek_v32": f"{SUMMARY_INSTRUCTION}<｜Assistant｜><think>"}[template.name])
+    assert summary.counts["trimmed"] == 0
+
+
+@LAYOUTS
+def test_a_long_dropped_part_keeps_its_most_recent_messages_that_fit(template, tokenizer):
+    dropped = summary_input(LONG)
+    budget = len(template.encode(dropped[7:] + ASK, tokenizer)) + SUMMARY_TOKENS
+    summary = summarizer(template, tokenizer, budget)
+    prompt = summary.request(dropped)
+    assert prompt == template.encode(dropped[7:] + ASK, tokenizer)  # a tool result and the last 4 rounds
+    assert len(prompt) + SUMMARY_TOKENS <= budget
+    assert len(template.encode(dropped[6:] + ASK, tokenizer)) + SUMMARY_TOKENS > budget
+    assert summary.counts["trimmed"] == 1
+
+
+def test_no_request_when_not_even_the_last_message_fits():
+    template, tokenizer = CompactTemplate(), CharTokenizer()
+    budget = len(template.encode(ASK, tokenizer)) + SUMMARY_TOKENS  # the instruction alone, nothing to summarise
+    summary = summarizer(template, tokenizer, budget)  # no engine: it must not be called
+    assert summary.request(summary_input(LONG)) is None
+    assert summary(summary_input(LONG)) == ""
+    assert summary.counts == {"requests": 0, "calls": 0, "prompt_tokens": 0, "tokens": 0, "trimmed": 2}
+
+
+class ScriptedEngine:
+    """A RolloutClient stand-in: answers the i-th prompt of a call with the i-th scripted turn."""
+
+    def __init__(self, turns: list[str]):
+        self.turns, self.calls = turns, []
+
+    def generate(self, prompts: list[list[int]], sampling: dict, policy_version: int) -> pa.RecordBatch:
+        self.calls.append((prompts, sampling, policy_version))
+        ids = [CharTokenizer().encode(turn, bos=False) for turn in self.turns[: len(prompts)]]
+        return pa.record_batch({"response_ids": pa.array(ids, pa.list_(pa.int32()))})
+
+
+def test_the_summaries_of_several_conversations_take_one_generate_call():
+    template, tokenizer = CompactTemplate(), CharTokenizer()
+    engine = ScriptedEngine(["thought>kelm is 42 ..|", "looked twice>|", "no end of turn <|> here"])
+    summary = ModelSummarizer(engine, template, tokenizer, {"max_tokens": 30, "seed": 5}, max_total_tokens=500,
+                              policy_version=3)
+    conversations = [summary_input(LONG), [], summary_input(HEAD + rounds(2)), rounds(1)]
+    assert summary.summarize_many(conversations) == ["kelm is 42 ..", "", "looked twice", "no end of turn"]
+    [(prompts, sampling, version)] = engine.calls
+    assert prompts == [template.encode(c + ASK, tokenizer) for c in conversations if c]
+    assert version == 3 and sampling["n"] == 1 and sampling["seed"] == 5
+    assert set(sampling["stop_token_ids"]) == {tokenizer.eos_id, tokenizer.encode("|", bos=False)[0]}
+    assert summary.counts == {"requests": 3, "calls": 1, "prompt_tokens": sum(map(len, prompts)),
+                              "tokens": sum(len(t) for t in engine.turns), "trimmed": 0}
+
+
+@pytest.mark.parametrize("template, text, expected", [
+    (CompactTemplate(), "thought>the code of kelm is 42.|", "the code of kelm is 42."),
+    (CompactTemplate(), "looked up kelm, then zorb>|", "looked up kelm, then zorb"),  # no content: the reasoning
+    (CompactTemplate(), "cut off before the end", "cut off before the end"),
+    (CompactTemplate(), "r>found<look(key|", "found"),  # a broken tool call: the content before it
+    (CompactTemplate(), "", ""),
+    (DeepSeekV32Template(), f"plan</think>Found:\n  KELM is 42.{EOS}", "found: kelm is 42."),
+    (DeepSeekV32Template(), "<｜DSML｜invoke name=\"x\"> never closed", "dsml invoke name= x never closed"),
+], ids=["content", "reasoning", "truncated", "bad-call", "empty", "v32", "v32-garbage"])
+def test_a_summary_is_read_from_any_turn_without_raising(template, text, expected):
+    assert read_summary(template, text) == expected
+
+
+def test_a_summary_is_cut_to_its_bound():
+    summary = read_summary(CompactTemplate(), "r>" + "found it. " * 50 + "|", max_chars=25)
+    assert summary == "found it. found it. found" and len(summary) <= 25

@@ -31,10 +31,10 @@ def sandbox():
         pytest.skip(f"sandbox unavailable: {error}")
 
 
-def kinds_and_seeds(codefix_seeds: int = 2) -> list[tuple[str, int]]:
-    """Cases per kind; codefix runs the sandbox, so it gets fewer."""
-    return ([("search", s) for s in range(12)] + [("planner", s) for s in range(12)]
-            + [("codefix", s) for s in range(codefix_seeds)])
+def kinds_and_seeds(codefix_seeds: int = 2) -> list[tuple[str, int, int]]:
+    """(kind, seed, difficulty) cases; codefix runs the sandbox, so it gets fewer."""
+    return ([("search", s, 1 + s % 3) for s in range(12)] + [("planner", s, 1 + s % 3) for s in range(12)]
+            + [("codefix", s, 1 + s % 3) for s in range(codefix_seeds)])
 
 
 def is_plain(text: str) -> bool:
@@ -87,23 +87,23 @@ def test_tasks_and_tools_are_spellable_by_the_tiny_tokenizer(kind):
 # ---------------------------------------------------------------- the scripted solver
 
 
-@pytest.mark.parametrize("kind, seed", kinds_and_seeds())
-def test_scripted_solver_verifies(kind, seed, request):
+@pytest.mark.parametrize("kind, seed, difficulty", kinds_and_seeds(codefix_seeds=3))
+def test_scripted_solver_verifies(kind, seed, difficulty, request):
     if kind == "codefix":
         request.getfixturevalue("sandbox")
-    env = make_environment(kind, seed)
+    env = make_environment(kind, seed, difficulty)
     episode = solve(env)
     assert env.verify(episode[-1].content) == 1.0
     assert env.tool_calls == sum(len(m.tool_calls) for m in episode) and env.tool_errors == 0
     assert all(is_plain(m.content) for m in episode if m.role == "tool")
 
 
-@pytest.mark.parametrize("kind, seed", kinds_and_seeds(codefix_seeds=1))
-def test_solved_episode_renders_and_parses_in_both_layouts(kind, seed, request):
+@pytest.mark.parametrize("kind, seed, difficulty", kinds_and_seeds(codefix_seeds=1))
+def test_solved_episode_renders_and_parses_in_both_layouts(kind, seed, difficulty, request):
     """The tiny model could read the episode, and its own turns in it parse back exactly."""
     if kind == "codefix":
         request.getfixturevalue("sandbox")
-    env = make_environment(kind, seed)
+    env = make_environment(kind, seed, difficulty)
     conversation = [Message("user", env.task), *solve(env)]
     for template in (CompactTemplate(), DeepSeekV32Template()):
         for i, message in enumerate(conversation):
@@ -134,6 +134,24 @@ def test_search_needs_more_than_one_hop(seed):
     assert not [d for d in env.documents if {org, env.answer} <= set(d.rstrip(".").split())]
 
 
+def test_difficulty_sets_hops_stays_and_depth():
+    for seed in range(10):
+        easy, hard = make_search_env(seed, 1), make_search_env(seed, 3)
+        searches = [len([m for m in solve(env) if m.tool_calls]) for env in (easy, hard)]
+        assert searches == [1, 3], (easy.question, hard.question)
+        assert len(easy.documents) < len(hard.documents)
+        assert {len(name) for name in [*easy.founder, *easy.born_year, *easy.land_of]} == {4}
+    for difficulty in (1, 2, 3):
+        env = make_planner_env(5, difficulty)
+        assert len(env.legs) == difficulty + 1 and len(env.nights) == difficulty
+        answer = solve(env)[-1].content
+        assert len(answer.removeprefix("answer: ").split(", ")) == 2 * difficulty + 1 and env.verify(answer) == 1.0
+    depth_one = make_codefix_env(0, 1).solution.removeprefix("def f(x, y): return ")
+    assert "(" not in depth_one or depth_one.startswith(("max(", "min(")), depth_one
+    with pytest.raises(ValueError, match="difficulty 1, 2 or 3"):
+        make_environment("search", 0, 4)
+
+
 def test_planner_verifier_checks_every_constraint():
     env = make_planner_env(4)
     plan = solve(env)[-1].content
@@ -158,7 +176,7 @@ def test_planner_budget_is_binding():
     for k, (origin, dest, day) in enumerate(env.legs):
         flights = [i for i, f in env.flights.items() if (f.origin, f.dest, f.day) == (origin, dest, day)]
         priciest.append(max(flights, key=lambda i: env.flights[i].price))
-        if k < 2:
+        if k < len(env.nights):
             hotels = [i for i, h in env.hotels.items() if h.city == dest and h.stars >= env.min_stars]
             priciest.append(max(hotels, key=lambda i: env.hotels[i].price))
     assert env.violations(", ".join(priciest)) and "budget" in env.violations(", ".join(priciest))[-1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -385,25 +386,58 @@ def test_a_tiny_budget_makes_room_and_counts_it(worker):
         assert row["prompt_ids"] == start(LookupEnv(env.seed)).segment.tokens
 
 
-def test_the_agent_config_sketch_fits_the_schemas(tmp_path):
-    """configs/agent.yaml: `agent` fits AgentConfig with known names, the rest loads as a keel config."""
-    from pathlib import Path
+class SpyClient:
+    """The worker behind the RolloutClient interface, recording each generate call's prompts and answers."""
 
-    from omegaconf import OmegaConf
+    def __init__(self, worker):
+        self.worker, self.calls = worker, []
 
-    from rl.config import load_config
-    from rollout.agent.config import AgentConfig
-    from rollout.agent.context import STRATEGIES
-    from rollout.agent.environments import ENVIRONMENTS
-    from rollout.agent.template import TEMPLATES
+    def generate(self, prompts, sampling, policy_version):
+        batch = self.worker.generate(prompts, list(range(len(prompts))), sampling, policy_version)
+        self.calls.append((prompts, batch.column("response_ids").to_pylist()))
+        return batch
 
-    raw = OmegaConf.load(Path(__file__).parent.parent / "configs" / "agent.yaml")
-    agent = OmegaConf.merge(OmegaConf.structured(AgentConfig), raw.pop("agent"))
-    assert agent.environment in (*ENVIRONMENTS, "mixed") and agent.template in TEMPLATES
-    assert {agent.context_strategy, agent.eval_context_strategy} <= set(STRATEGIES)
-    OmegaConf.save(raw, tmp_path / "rest.yaml")
-    cfg = load_config(tmp_path / "rest.yaml")
-    assert agent.max_total_tokens <= cfg.rollout.engine.max_model_len <= cfg.model.overrides.index_topk
+
+@pytest.mark.slow
+def test_the_model_writes_the_summary_and_the_episode_goes_on_from_it(worker):
+    from rollout.agent.context import SUMMARY_PREFIX
+    from rollout.agent.loop import SUMMARY_INSTRUCTION, read_summary, run_episodes
+
+    envs = [LookupEnv(s) for s in range(40, 56)]
+    budget = 125  # a lookup and its result, then the context overflows
+    spy = SpyClient(worker)
+    batch, metrics = run_episodes(spy, envs, TEMPLATE, TOKENIZER, SAMPLING, max_turns=6, max_total_tokens=budget,
+                                  context_strategy="summary")
+    asks = f"|u:{SUMMARY_INSTRUCTION}|a:<"
+    is_summary_call = [TOKENIZER.decode(prompts[0]).endswith(asks) for prompts, _ in spy.calls]
+    summary_calls = [call for call, is_summary in zip(spy.calls, is_summary_call, strict=True) if is_summary]
+    requests = [TOKENIZER.decode(p) for prompts, _ in summary_calls for p in prompts]
+    written = [read_summary(TEMPLATE, TOKENIZER.decode(g)) for _, answers in summary_calls for g in answers]
+    # A call holds either the turns of a round or its summary requests, which all go in one call.
+    for (prompts, _), is_summary in zip(spy.calls, is_summary_call, strict=True):
+        assert all(TOKENIZER.decode(p).endswith(asks) == is_summary for p in prompts)
+        assert all(len(p) + MAX_TOKENS <= budget for p in prompts)
+    assert not any(a and b for a, b in pairwise(is_summary_call))  # at most one summary call per round
+    assert requests and max(len(prompts) for prompts, _ in summary_calls) > 1
+    # The request is the dropped steps without the task (here a tool result at least), then the instruction.
+    assert all(re.fullmatch(rf"(u:{SUMMARY_PREFIX}[^|]*\|)?(a:<[^|]*\||t:[^|]*\|)+u:[^|]*\|a:<", r)
+               for r in requests)
+
+    rows = batch.to_pylist()
+    restarted = [(row, env) for row, env in zip(rows, envs, strict=True) if row["segments"] > 1]
+    assert restarted
+    for row, env in restarted:
+        # The last stream starts from the task and the summary the model wrote, and goes on from there.
+        head = f"s:tools: look(key)|u:{env.task}|u:{SUMMARY_PREFIX}"
+        prompt = TOKENIZER.decode(row["prompt_ids"])
+        # ("" when not even the last dropped message fitted a summary request: then no request was made)
+        assert prompt.startswith(head) and prompt.endswith("|a:<") and prompt[len(head):-4] in [*written, ""]
+        assert row["loss_mask"][0] == 1 and len(row["prompt_ids"]) + len(row["response_ids"]) <= budget
+    assert metrics["context/summary_uses"] == metrics["context/uses"] >= len(requests)
+    assert metrics["context/summary_requests"] == len(requests)
+    assert metrics["context/summary_calls"] == len(summary_calls)
+    assert metrics["context/summary_tokens"] == sum(len(g) for _, answers in summary_calls for g in answers) > 0
+    assert metrics["context/summary_prompt_tokens"] == sum(len(p) for prompts, _ in summary_calls for p in prompts)
 
 
 def test_the_summary_strategy_restarts_from_the_task_and_a_summary():

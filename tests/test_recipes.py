@@ -21,6 +21,7 @@ from rl.specialists import (
     domain_config,
     load_specialists_config,
     prepare_recipe_dir,
+    specialist_config,
     specialist_resources,
     train_sequentially,
     write_state,
@@ -62,11 +63,20 @@ def test_config_errors_name_the_key(tmp_path):
         domain_config(recipe, recipe.domains[0], tmp_path, [])
 
 
-def test_agent_domain_is_refused_clearly(tmp_path):
+def test_agent_domain_becomes_an_agent_run(tmp_path):
     recipe = load_specialists_config(CONFIGS / "specialists.yaml")
     agent = next(d for d in recipe.domains if d.name == "agent")
-    with pytest.raises(NotImplementedError, match="agent rollout loop"):
-        domain_config(recipe, agent, tmp_path, [])
+    cfg = specialist_config(recipe, agent, tmp_path, tmp_path / "base")
+    assert cfg.agent.enabled and cfg.agent.environment == "search" and cfg.agent.difficulty == 1
+    assert cfg.sft.steps == 150  # its own warm start on oracle episodes; prompt domains are forced to 0
+    math = specialist_config(recipe, recipe.domains[0], tmp_path, tmp_path / "base")
+    assert not math.agent.enabled and math.sft.steps == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("domains:\n  - {name: a, task: chess, agent: true}\n  - {name: m, task: addition}\n"
+                   "base: {mixture: [a, m]}\n")
+    with pytest.raises(ConfigError) as error:
+        load_specialists_config(bad)
+    assert "environment kind" in str(error.value) and "['a'] are agent domains" in str(error.value)
 
 
 def test_keep_responses_filters_by_reward_and_drops_repeats():

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,6 +55,14 @@ def test_bad_sampling_settings_name_the_field(sampling, match):
         check_sampling(sampling, vocab_size=512, max_logprobs=256)
 
 
+def test_kept_sets_recorded_by_the_engine_need_no_candidates():
+    top_p_only = {"top_p": 0.9, "logprobs_candidates": 2}
+    with pytest.raises(sampling_mask.SamplingMaskError):  # read off candidates (CUDA): 2 may not hold it
+        check_sampling({"top_p": 0.9}, vocab_size=512, max_logprobs=256)
+    assert check_sampling(top_p_only, 512, 256, kept_from_engine=True)["logprobs_candidates"] == 0
+    assert check_sampling({"top_k": 300}, 512, 256, kept_from_engine=True)["logprobs_candidates"] == 0
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
     from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
@@ -67,14 +79,47 @@ def test_model_facts(checkpoint):
     assert (f.vocab_size, f.moe_layers, f.top_k, f.n_routed_experts, f.index_topk) == (64, 1, 2, 8, 64)
 
 
-def test_cpu_serving_view_is_dense_deepseek_v3_over_the_same_files(checkpoint):
-    assert serving.serving_dir(checkpoint, cuda=True) == checkpoint
-    view = Path(serving.serving_dir(checkpoint, cuda=False))
-    cfg = json.loads((view / "config.json").read_text())
+def test_cpu_serving_view_is_dense_deepseek_v3_over_the_same_files(checkpoint, tmp_path):
+    cuda_view = serving.ServingView(checkpoint, cuda=True)
+    assert cuda_view.path == checkpoint
+    cuda_view.cleanup()  # never removes the checkpoint itself
+    assert (Path(checkpoint) / "config.json").is_file()
+    view = serving.ServingView(checkpoint, cuda=False, root=str(tmp_path))
+    path = Path(view.path)
+    cfg = json.loads((path / "config.json").read_text())
     assert cfg["architectures"] == ["DeepseekV3ForCausalLM"] and cfg["model_type"] == "deepseek_v3"
     assert (cfg["topk_method"], cfg["scoring_func"]) == ("noaux_tc", "sigmoid")
     assert "index_topk" not in cfg and cfg["kv_lora_rank"] == 512
-    assert (view / "model.safetensors").resolve() == (Path(checkpoint) / "model.safetensors").resolve()
+    assert (path / "model.safetensors").resolve() == (Path(checkpoint) / "model.safetensors").resolve()
+    view.cleanup()
+    view.cleanup()  # twice is fine
+    assert not path.exists() and (Path(checkpoint) / "model.safetensors").is_file()
+
+
+def test_serving_view_is_removed_when_dropped_and_at_exit(checkpoint, tmp_path):
+    view = serving.ServingView(checkpoint, cuda=False, root=str(tmp_path))
+    path = Path(view.path)
+    del view
+    gc.collect()
+    assert not path.exists()
+    code = (f"from rollout.serving import ServingView; v = ServingView({checkpoint!r}, False, {str(tmp_path)!r}); "
+            "print(v.path)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().startswith(str(tmp_path)) and not Path(out.stdout.strip()).exists()
+
+
+def test_views_of_dead_processes_are_swept(checkpoint, tmp_path):
+    done = subprocess.Popen(["true"])
+    done.wait()  # its pid now names no process
+    host = serving._host()
+    dead = tmp_path / f"keel-serving-{done.pid}@{host}-abc123"
+    live = tmp_path / f"keel-serving-{os.getpid()}@{host}-def456"
+    elsewhere = tmp_path / f"keel-serving-{done.pid}@another.host-ghi789"
+    for d in (dead, live, elsewhere):
+        d.mkdir()
+    view = serving.ServingView(checkpoint, cuda=False, root=str(tmp_path))
+    assert not dead.exists() and live.exists() and elsewhere.exists() and Path(view.path).exists()
+    view.cleanup()
 
 
 def test_cpu_requests_longer_than_index_topk_are_refused(checkpoint):

@@ -1,7 +1,6 @@
-"""The `agent:` section of a run config: which environments, which template, and the episode budgets.
-
-`rl.config.KeelConfig` does not hold it yet; the driver integration adds
-`agent: AgentConfig = field(default_factory=AgentConfig)` there (see `configs/agent.yaml`).
+"""The `agent:` section of a run config (`rl.config.KeelConfig.agent`): which environments, which
+template, and the episode budgets. With `enabled: true`, `keel train` plays tool-use episodes
+instead of sampling answers to `data` prompts (rl/agent.py); `data` and `rewards` are then unused.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 class AgentConfig:
     enabled: bool = False  # true: rollouts are tool-use episodes (`rollout.agent.loop.run_episodes`)
     environment: str = "mixed"  # search | planner | codefix | mixed (the kinds in turn)
+    difficulty: int = 2  # 1-3: hops of a search question, stays of a trip, depth of the buggy code
     train_size: int = 4000  # environments drawn per run (each is a kind and a seed)
     eval_size: int = 60
     seed: int = 0

@@ -5,9 +5,10 @@ system prompt and task) and the tool-call history after it, grouped into rounds 
 turn and the tool results that answer it, so a result never loses its call). Strategies
 (DeepSeek-V3.2, section 5):
 
-- "summary": the whole history is summarised by the injected `summarize` (the model) and the
-  episode restarts from the head plus one user message holding that summary. A summary left by an
-  earlier use is summarised again with the history, so summaries do not pile up.
+- "summary": the whole history is summarised by the injected `summarize` (in the rollout loop, the
+  model itself: `loop.ModelSummarizer`) and the episode restarts from the head plus one user message
+  holding that summary. A summary left by an earlier use is summarised again with the history, so
+  summaries do not pile up; `summary_input` is exactly what `summarize` is given.
 - "discard_75": drop the first 75% of the rounds (at least one), keep the rest.
 - "discard_all": drop every round; the episode restarts from the task.
 - "none": change nothing; the caller ends the episode.
@@ -44,6 +45,25 @@ def _is_summary(message: Message) -> bool:
     return message.role == "user" and message.content.startswith(SUMMARY_PREFIX)
 
 
+def _fold_summary(head: list[Message], dropped: list[Message]) -> tuple[list[Message], list[Message]]:
+    """Move a summary left by an earlier use from the head into what is summarised now."""
+    if dropped and head and _is_summary(head[-1]):
+        # The previous summary is part of what overflowed: fold it into the new one.
+        return head[:-1], [head[-1], *dropped]
+    return head, dropped
+
+
+def summary_input(messages: list[Message]) -> list[Message]:
+    """What the summary strategy asks `summarize` to summarise: the history after the head, preceded by
+    an earlier summary if there is one; empty when there is no history (then nothing is summarised).
+
+    Lets a caller write the summaries of several conversations at once (one batched model call) and
+    then hand each to `make_room`.
+    """
+    head, rounds = split_history(messages)
+    return _fold_summary(head, [m for r in rounds for m in r])[1]
+
+
 def make_room(messages: list[Message], strategy: ContextStrategy,
               summarize: Callable[[list[Message]], str] | None = None) -> tuple[list[Message], dict]:
     """The shortened context and a record of what was done; see the module docstring for the rules."""
@@ -61,9 +81,7 @@ def make_room(messages: list[Message], strategy: ContextStrategy,
     if strategy == "summary":
         if summarize is None:
             raise ValueError("the summary strategy needs a summarize function")
-        if head and _is_summary(head[-1]):
-            # The previous summary is part of what overflowed: fold it into the new one.
-            head, dropped = head[:-1], [head[-1], *dropped]
+        head, dropped = _fold_summary(head, dropped)
         summary = summarize(dropped)
         record["summary_chars"] = len(summary)
         return [*head, Message("user", SUMMARY_PREFIX + summary)], record

@@ -24,7 +24,10 @@ Context budget: a turn starts only when the prompt plus `sampling["max_tokens"]`
 hold). When the next prompt would not fit, `context_strategy` makes room (`context.make_room`) and
 the episode continues from the shortened conversation; that is a new token stream (a new
 `Segment`), and the row is the last one: tokens before the cut are not trained on, and each use is
-counted in the metrics. With strategy "none" the episode ends instead.
+counted in the metrics. With strategy "none" the episode ends instead. With "summary" the policy
+writes the summary (`ModelSummarizer`): the episodes that overflow in one round have their summary
+requests sent in one more `generate` call, then each restarts from its head and its summary. The
+summary turns are not part of any row (nothing is trained on them); the metrics count them.
 
 An episode also ends at a turn that does not close with the template's end of turn (the engine's
 length limit or EOS), or that does not parse: its text cannot continue an append-only stream, and it
@@ -43,8 +46,8 @@ import pyarrow as pa
 
 from rl.batch import make_rollout_batch, routing_of
 from rl.tokenizer import CharTokenizer
-from rollout.agent.context import ContextStrategy, context_metrics, make_room
-from rollout.agent.environments.base import Environment
+from rollout.agent.context import ContextStrategy, context_metrics, make_room, summary_input
+from rollout.agent.environments.base import Environment, plain
 from rollout.agent.messages import Message
 from rollout.agent.template import ChatTemplate
 
@@ -80,6 +83,21 @@ def stop_token_ids(template: ChatTemplate, tokenizer: Any) -> list[int]:
         ids.append(encoded[0])
     eos = getattr(tokenizer, "eos_id", getattr(tokenizer, "eos_token_id", None))
     return sorted(set(ids) | ({eos} if eos is not None else set()))
+
+
+def turn_sampling(sampling: dict, template: ChatTemplate, tokenizer: Any) -> dict:
+    """`sampling` for one assistant turn per request: n=1, stopping at the template's end of turn and EOS."""
+    stops = set(sampling.get("stop_token_ids", ())) | set(stop_token_ids(template, tokenizer))
+    return {**sampling, "n": 1, "stop_token_ids": sorted(stops)}
+
+
+def _generate(engine: Any, prompts: list[list[int]], sampling: dict, policy_version: int) -> pa.RecordBatch:
+    """One batched call: a RolloutClient takes (prompts, sampling, version), a RolloutWorker also indices."""
+    from rollout.worker import RolloutWorker
+
+    if isinstance(engine, RolloutWorker):
+        return engine.generate(prompts, list(range(len(prompts))), sampling, policy_version)
+    return engine.generate(prompts, sampling, policy_version)
 
 
 # ---- one token stream --------------------------------------------------------------------------------
@@ -208,19 +226,30 @@ def run_tools(episode: Episode) -> list[Message]:
     return [Message("tool", episode.env.call(c.name, c.arguments), name=c.name) for c in calls]
 
 
-def continue_episode(episode: Episode, results: list[Message], template: ChatTemplate, tokenizer: Any,
-                     tools: list[dict], max_tokens: int, max_total_tokens: int, strategy: ContextStrategy,
-                     summarize: Callable[[list[Message]], str]) -> None:
-    """Append the tool results and the next generation prompt, making room first if they do not fit."""
+def append_results(episode: Episode, results: list[Message], template: ChatTemplate, tokenizer: Any,
+                   tools: list[dict], max_tokens: int, max_total_tokens: int) -> bool:
+    """Append the tool results and the next generation prompt; False when the stream has no room for them.
+
+    The conversation always gets the results; the token stream only when the next turn still fits.
+    On False the caller makes room (`restart_episode`) before the episode can go on.
+    """
     before = template.render(episode.messages, add_generation_prompt=False, tools=tools)
     episode.messages += results
     after = template.render(episode.messages, add_generation_prompt=True, tools=tools)
     if not after.startswith(before):
         raise RuntimeError(f"template {template.name} rewrote the conversation when tool results were appended")
     appended = encode_text(tokenizer, after[len(before):])
-    if fits(len(episode.segment) + len(appended), max_tokens, max_total_tokens):
-        episode.segment.add_context(appended)
-        return
+    if not fits(len(episode.segment) + len(appended), max_tokens, max_total_tokens):
+        return False
+    episode.segment.add_context(appended)
+    return True
+
+
+def restart_episode(episode: Episode, template: ChatTemplate, tokenizer: Any, tools: list[dict], max_tokens: int,
+                    max_total_tokens: int, strategy: ContextStrategy,
+                    summarize: Callable[[list[Message]], str] | None) -> None:
+    """Make room in an overflowing conversation and continue it in a new stream, or end the episode
+    (strategy "none", nothing to drop, or still no room for a turn)."""
     if strategy == "none":
         episode.finish_reason = CONTEXT
         return
@@ -235,21 +264,112 @@ def continue_episode(episode: Episode, results: list[Message], template: ChatTem
     episode.segments += 1
 
 
+def continue_episode(episode: Episode, results: list[Message], template: ChatTemplate, tokenizer: Any,
+                     tools: list[dict], max_tokens: int, max_total_tokens: int, strategy: ContextStrategy,
+                     summarize: Callable[[list[Message]], str] | None) -> None:
+    """Append the tool results and the next generation prompt, making room first if they do not fit."""
+    if not append_results(episode, results, template, tokenizer, tools, max_tokens, max_total_tokens):
+        restart_episode(episode, template, tokenizer, tools, max_tokens, max_total_tokens, strategy, summarize)
+
+
 def tool_results_summary(messages: list[Message], max_chars: int = 200) -> str:
     """A model-free stand-in for a summary: the latest tool results, cut to `max_chars`."""
     return " ".join(m.content for m in messages if m.role == "tool")[-max_chars:].strip()
 
 
+# ---- summaries written by the model ------------------------------------------------------------------
+
+# Short (a summary request must fit small budgets too) and in the compact alphabet without its delimiters,
+# so every template, and the tiny character model, can show it.
+SUMMARY_INSTRUCTION = "summarize what was tried and found so far."
+SUMMARY_MAX_CHARS = 1000
+SUMMARY_COUNTERS = ("requests", "calls", "prompt_tokens", "tokens", "trimmed")
+
+
+def read_summary(template: ChatTemplate, text: str, max_chars: int = SUMMARY_MAX_CHARS) -> str:
+    """The summary in a generated turn: its content (its reasoning when the content is empty), plain, on one
+    line, at most `max_chars`. Never raises: a malformed or cut-off turn gives what the template could read."""
+    parsed = template.parse(text)
+    summary = parsed.content.strip() or (parsed.reasoning or "").strip()
+    return " ".join(plain(summary).split())[:max_chars].strip()
+
+
+class ModelSummarizer:
+    """A `summarize` for the "summary" strategy whose summaries the model writes, with the episodes' engine.
+
+    The request is the part being dropped followed by a user message with `instruction`; the answer is
+    one assistant turn, read by `read_summary`. The template's context rule drops the reasoning of the
+    summarised turns (the instruction is a new user message), so the model summarises from its calls,
+    contents and tool results, as it would see them after any user message. A request always fits
+    `max_total_tokens` with a full turn (sampling["max_tokens"]): when the dropped part is too long, only
+    its most recent messages that fit are kept, and when not even the last one fits no request is made
+    and the summary is empty.
+    Call it on one conversation, or `summarize_many` to write several summaries in one generate call.
+    `counts` sums what it did (requests, generate calls, prompt and generated tokens, trimmed requests).
+    """
+
+    def __init__(self, engine: Any, template: ChatTemplate, tokenizer: Any, sampling: dict, max_total_tokens: int,
+                 policy_version: int = 0, instruction: str = SUMMARY_INSTRUCTION,
+                 max_chars: int = SUMMARY_MAX_CHARS):
+        self.engine, self.template, self.tokenizer = engine, template, tokenizer
+        self.sampling = turn_sampling(sampling, template, tokenizer)
+        self.max_tokens = self.sampling.get("max_tokens", 16)
+        self.max_total_tokens, self.policy_version = max_total_tokens, policy_version
+        self.instruction, self.max_chars = instruction, max_chars
+        template.render([Message("user", instruction)])  # a template that cannot show the instruction fails now
+        self.counts = dict.fromkeys(SUMMARY_COUNTERS, 0)
+
+    def request(self, dropped: list[Message]) -> list[int] | None:
+        """Prompt ids asking for a summary of the most recent messages of `dropped` that fit; None if none do."""
+        ask = Message("user", self.instruction)
+
+        def prompt(start: int) -> list[int]:
+            return self.template.encode([*dropped[start:], ask], self.tokenizer, add_generation_prompt=True)
+
+        # Binary search for the longest suffix that fits: dropping messages from the front only shortens it.
+        lo, hi = 0, len(dropped)  # the answer is in [lo, hi]; hi = len(dropped) means nothing fits
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fits(len(prompt(mid)), self.max_tokens, self.max_total_tokens):
+                hi = mid
+            else:
+                lo = mid + 1
+        self.counts["trimmed"] += int(lo > 0)
+        return prompt(lo) if lo < len(dropped) else None
+
+    def summarize_many(self, conversations: list[list[Message]]) -> list[str]:
+        """One summary per conversation ("" for one with nothing that fits), from at most one generate call."""
+        prompts = [self.request(c) if c else None for c in conversations]
+        asked = [p for p in prompts if p is not None]
+        if not asked:
+            return ["" for _ in conversations]
+        batch = _generate(self.engine, asked, self.sampling, self.policy_version)
+        generated = batch.column("response_ids").to_pylist()
+        self.counts["requests"] += len(asked)
+        self.counts["calls"] += 1
+        self.counts["prompt_tokens"] += sum(map(len, asked))
+        self.counts["tokens"] += sum(map(len, generated))
+        texts = iter(read_summary(self.template, decode_ids(self.tokenizer, g), self.max_chars) for g in generated)
+        return [next(texts) if p is not None else "" for p in prompts]
+
+    def __call__(self, dropped: list[Message]) -> str:
+        return self.summarize_many([dropped])[0]
+
+
+def summarize_all(summarize: Callable[[list[Message]], str], conversations: list[list[Message]]) -> list[str]:
+    """Summaries of several conversations: one engine call for a ModelSummarizer, one call each otherwise."""
+    if isinstance(summarize, ModelSummarizer):
+        return summarize.summarize_many(conversations)
+    return [summarize(c) if c else "" for c in conversations]
+
+
+def summary_counts(summarize: Any) -> dict[str, int]:
+    """The counters of a ModelSummarizer, zeros for any other summarize (so metric keys are always there)."""
+    counts = summarize.counts if isinstance(summarize, ModelSummarizer) else {}
+    return {name: counts.get(name, 0) for name in SUMMARY_COUNTERS}
+
+
 # ---- the loop ----------------------------------------------------------------------------------------
-
-
-def _generate(engine: Any, prompts: list[list[int]], sampling: dict, policy_version: int) -> pa.RecordBatch:
-    """One batched call: a RolloutClient takes (prompts, sampling, version), a RolloutWorker also indices."""
-    from rollout.worker import RolloutWorker
-
-    if isinstance(engine, RolloutWorker):
-        return engine.generate(prompts, list(range(len(prompts))), sampling, policy_version)
-    return engine.generate(prompts, sampling, policy_version)
 
 
 def run_episodes(
@@ -271,7 +391,10 @@ def run_episodes(
     engine: a `RolloutClient` or a `RolloutWorker`. sampling: as for `generate` (n is forced to 1, the
     template's stop tokens are added; "seed" is shifted each round so turns do not share draws).
     prompt_indices: the GRPO group of each episode (default: its position); sample_index counts within.
-    summarize: writes the summary for the "summary" strategy (default `tool_results_summary`).
+    summarize: writes the summary for the "summary" strategy; default: the model on `engine`
+    (`ModelSummarizer`), all summaries of a round in one generate call. `tool_results_summary` is a
+    model-free alternative. Metrics `context/summary_*` count the model's summary requests, generate
+    calls, prompt and generated tokens, and requests that kept only the most recent messages.
     Rows carry reward (`env.verify` of the final answer, 0 without one), reward_reason and
     finish_reason, plus columns `turns`, `tool_calls` and `segments`.
     """
@@ -281,9 +404,10 @@ def run_episodes(
     if len(prompt_indices) != len(envs):
         raise ValueError(f"{len(envs)} environments but {len(prompt_indices)} prompt_indices")
     max_tokens = sampling.get("max_tokens", 16)
-    stops = set(sampling.get("stop_token_ids", ())) | set(stop_token_ids(template, tokenizer))
-    base = {**sampling, "n": 1, "stop_token_ids": sorted(stops)}
-    summarize = summarize or tool_results_summary
+    base = turn_sampling(sampling, template, tokenizer)
+    if summarize is None and context_strategy == "summary":
+        summarize = ModelSummarizer(engine, template, tokenizer, base, max_total_tokens, policy_version)
+    summaries_before = summary_counts(summarize)
     calls_before = [(env.tool_calls, env.tool_errors) for env in envs]
 
     episodes = []
@@ -314,9 +438,16 @@ def run_episodes(
                                          columns["sampling_mask"][i], routing_of(batch, i))
                 read_turn(episode, template, decode_ids(tokenizer, generated), max_turns)
             calling = [e for e in active if e.pending]
-            for episode, results in zip(calling, pool.map(run_tools, calling), strict=True):
-                continue_episode(episode, results, template, tokenizer, episode.env.tools, max_tokens,
-                                 max_total_tokens, context_strategy, summarize)
+            overflowing = [e for e, results in zip(calling, pool.map(run_tools, calling), strict=True)
+                           if not append_results(e, results, template, tokenizer, e.env.tools, max_tokens,
+                                                 max_total_tokens)]
+            # The summaries of this round are written together (one generate call for the model's);
+            # make_room then takes each episode's own.
+            written = (summarize_all(summarize, [summary_input(e.messages) for e in overflowing])
+                       if context_strategy == "summary" else [""] * len(overflowing))
+            for episode, text in zip(overflowing, written, strict=True):
+                restart_episode(episode, template, tokenizer, episode.env.tools, max_tokens, max_total_tokens,
+                                context_strategy, lambda _dropped, text=text: text)
 
     rows, seen = [], {}
     for episode, group in zip(episodes, prompt_indices, strict=True):
@@ -329,7 +460,11 @@ def run_episodes(
                               ("tool_calls", tool_calls, pa.int32()),
                               ("segments", [e.segments for e in episodes], pa.int32())):
         batch = batch.append_column(pa.field(name, typ), pa.array(values, typ))
-    return batch, episode_metrics(episodes, rows, tool_calls, tool_errors)
+    metrics = episode_metrics(episodes, rows, tool_calls, tool_errors)
+    summaries_after = summary_counts(summarize)
+    metrics.update({f"context/summary_{name}": float(summaries_after[name] - summaries_before[name])
+                    for name in SUMMARY_COUNTERS})
+    return batch, metrics
 
 
 def episode_row(episode: Episode, prompt_index: int, sample_index: int, policy_version: int) -> dict:

@@ -82,27 +82,37 @@ def final_answer_text(answer: str) -> str:
     return (answer[at + len("answer:"):] if at >= 0 else answer).strip()
 
 
-def make_names(rng: random.Random, n: int, taken: set[str] | None = None) -> list[str]:
-    """`n` distinct made-up words like "zorb" or "kelava" (none in `taken`, which is updated)."""
+def make_names(rng: random.Random, n: int, taken: set[str] | None = None, length: int | None = None) -> list[str]:
+    """`n` distinct made-up words like "zorb" or "kelava" (none in `taken`, which is updated), all of
+    `length` characters if given."""
     taken = set() if taken is None else taken
     names = []
     while len(names) < n:
         syllables = [rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.randint(1, 3))]
         word = "".join(syllables) + (rng.choice(_CONSONANTS) if rng.random() < 0.6 else "")
-        if len(word) >= 3 and word not in taken:
+        if len(word) >= 3 and word not in taken and length in (None, len(word)):
             taken.add(word)
             names.append(word)
     return names
 
 
+DIFFICULTIES = (1, 2, 3)
+
+
+def check_difficulty(kind: str, difficulty: int) -> None:
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"{kind} environments have difficulty 1, 2 or 3, not {difficulty!r}")
+
+
 class Environment(ABC):
-    """Base class: subclasses set `kind`, build `task`/`tools`/hidden state, and implement the
-    tools (`handlers`) and `verify`. `tool_calls` and `tool_errors` count calls for metrics."""
+    """Base class: subclasses set `kind`, build `task`/`tools`/hidden state from (seed, difficulty),
+    and implement the tools (`handlers`) and `verify`. `tool_calls` and `tool_errors` count calls for metrics."""
 
     kind: str = ""
 
-    def __init__(self, seed: int, task: str, tools: list[dict]):
+    def __init__(self, seed: int, task: str, tools: list[dict], difficulty: int = 2):
         self.seed = seed
+        self.difficulty = difficulty
         self.task = task
         self.tools = tools
         self.tool_calls = 0

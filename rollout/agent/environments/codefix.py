@@ -1,10 +1,11 @@
 """A code-fixing task: a one-line Python function with one bug, tests run in the sandbox.
 
 The hidden function is `def f(x, y): return <expression>` over x, y, small constants, + - *, max
-and min; the shown one has one mutation (an operator, a constant, a variable or max/min swapped)
-that changes its result on a visible test. Tools: `tests` lists the visible cases, `run` checks a
-candidate against them. The answer is the fixed line; verify runs it on the hidden cases (a
-superset of the visible ones), so a fix fitted to the visible cases alone can still fail.
+and min, nested up to `difficulty` (1 to 3) levels deep; the shown one has one mutation (an
+operator, a constant, a variable or max/min swapped) that changes its result on a visible test.
+Tools: `tests` lists the visible cases, `run` checks a candidate against them. The answer is the
+fixed line; verify runs it on the hidden cases (a superset of the visible ones), so a fix fitted to
+the visible cases alone can still fail.
 
 Candidate code comes from the model, so it only ever runs in `rewards.sandbox.run_in_sandbox`. The
 expected values stay on this side: the sandbox reports what f returned, and we compare.
@@ -19,7 +20,7 @@ import secrets
 from collections.abc import Callable
 
 from rewards.sandbox import MIB, SandboxLimits, run_in_sandbox
-from rollout.agent.environments.base import Environment, ToolError, final_answer_text, tool_schema
+from rollout.agent.environments.base import Environment, ToolError, check_difficulty, final_answer_text, tool_schema
 
 VISIBLE_CASES, HIDDEN_CASES = 3, 8
 LIMITS = SandboxLimits(wall_time_s=2.0, memory_bytes=256 * MIB)
@@ -109,10 +110,11 @@ class CodefixEnv(Environment):
 
     kind = "codefix"
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, difficulty: int = 2):
+        check_difficulty("codefix", difficulty)
         rng = random.Random(seed)
         while True:
-            tokens, _ = _expression(rng, rng.randint(2, 3))
+            tokens, _ = _expression(rng, difficulty)  # the depth of the hidden expression
             if len(tokens) < 3 or not any(t in ("x", "y") for t in tokens):
                 continue
             pairs = [(x, y) for x in range(-9, 10) for y in range(-9, 10)]
@@ -128,7 +130,7 @@ class CodefixEnv(Environment):
         tools = [tool_schema("tests", "show the visible test cases"),
                  tool_schema("run", "run code against the visible test cases",
                              code=("string", "python code"))]
-        super().__init__(seed, task, tools)
+        super().__init__(seed, task, tools, difficulty)
 
     def handlers(self) -> dict[str, Callable[..., str]]:
         return {"tests": self.show_tests, "run": self.run}
@@ -155,5 +157,5 @@ class CodefixEnv(Environment):
         return float(not isinstance(got, str) and got == self.expected)
 
 
-def make_codefix_env(seed: int) -> CodefixEnv:
-    return CodefixEnv(seed)
+def make_codefix_env(seed: int, difficulty: int = 2) -> CodefixEnv:
+    return CodefixEnv(seed, difficulty)

@@ -47,10 +47,17 @@ def _first(pattern: str, text: str) -> str:
 def solve_search(env: SearchEnv) -> list[Message]:
     episode = Episode(env)
     question = env.task
+    if "who founded" in question:
+        org = _first(r"who founded ([a-z]+)\?", question)
+        results = episode.call(f"who founded {org}", "search", query=f"{org} founded")
+        person = _first(rf"\b{org} was founded by ([a-z]+)\.", results)
+        return episode.answer(f"{org} was founded by {person}", person)
     org = _first(r"(?:founder of|is) ([a-z]+) (?:born|based)", question)
     if "based" in question:
         results = episode.call(f"first where {org} is based", "search", query=f"{org} based")
         city = _first(rf"\b{org} is based in ([a-z]+)\.", results)
+        if "which city" in question:
+            return episode.answer(f"{org} is based in {city}", city)
     else:
         results = episode.call(f"first who founded {org}", "search", query=f"{org} founded")
         person = _first(rf"\b{org} was founded by ([a-z]+)\.", results)
@@ -72,14 +79,17 @@ def solve_search(env: SearchEnv) -> list[Message]:
 def solve_planner(env: PlannerEnv) -> list[Message]:
     """Cheapest flight per leg and cheapest hotel with enough stars per stay: the cheapest plan."""
     episode = Episode(env)
-    home, first, day, n1, second, n2 = re.search(
-        r"from ([a-z]+)\. fly to ([a-z]+) on day (\d+) and stay (\d+) nights? there, "
-        r"then fly to ([a-z]+) and stay (\d+) nights?", env.task).groups()
+    home, first, day, nights = re.search(
+        r"from ([a-z]+)\. fly to ([a-z]+) on day (\d+) and stay (\d+) nights? there", env.task).groups()
+    stays = [(first, int(nights))] + [(c, int(n)) for c, n in
+                                      re.findall(r"then fly to ([a-z]+) and stay (\d+) nights?", env.task)]
     min_stars = int(_first(r"at least (\d+) stars", env.task))
-    day, n1, n2 = int(day), int(n1), int(n2)
+    route, leg_day, legs = [home] + [c for c, _ in stays] + [home], int(day), []
+    for i, (city, n) in enumerate([*stays, (None, 0)]):
+        legs.append((route[i], route[i + 1], leg_day, city))
+        leg_day += n
     plan = []
-    for origin, dest, leg_day, city in ((home, first, day, first), (first, second, day + n1, second),
-                                        (second, home, day + n1 + n2, None)):
+    for origin, dest, leg_day, city in legs:
         listing = episode.call(f"cheapest flight from {origin} to {dest} on day {leg_day}",
                                "flights", origin=origin, dest=dest, day=leg_day)
         flights = re.findall(r"flight (f\d+): [a-z]+ to [a-z]+ on day \d+ costs (\d+)\.", listing)

@@ -1,11 +1,12 @@
 """A constraint-satisfaction planner in the style of trip planning.
 
-The task: fly from home to a first city on a given day, stay some nights, fly to a second city,
-stay some nights, fly home; every hotel must have at least some number of stars and the whole trip
-(flights plus nights) must fit a budget. The tools list the flights on a route and day, and the
-hotels of a city. The budget sits just above the cheapest valid plan and every city has a cheaper
-hotel below the star limit, so guessing fails; checking a plan is easy. The answer is five ids in
-order, flight hotel flight hotel flight; verify checks every constraint (`violations`).
+The task: fly from home to a first city on a given day, stay some nights, fly on to the next city,
+..., fly home, with `difficulty` stays (1 to 3); every hotel must have at least some number of
+stars and the whole trip (flights plus nights) must fit a budget. The tools list the flights on a
+route and day, and the hotels of a city. The budget sits just above the cheapest valid plan and
+every city has a cheaper hotel below the star limit, so guessing fails; checking a plan is easy.
+The answer is the ids in order, flight hotel ... flight; verify checks every constraint
+(`violations`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rollout.agent.environments.base import Environment, ToolError, final_answer_text, make_names, tool_schema
+from rollout.agent.environments.base import (
+    Environment,
+    ToolError,
+    check_difficulty,
+    final_answer_text,
+    make_names,
+    tool_schema,
+)
 
 
 @dataclass(frozen=True)
@@ -38,14 +46,16 @@ class PlannerEnv(Environment):
 
     kind = "planner"
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, difficulty: int = 2):
+        check_difficulty("planner", difficulty)
         rng = random.Random(seed)
-        self.cities = make_names(rng, rng.randint(4, 6))
-        home, first, second = self.cities[:3]
+        self.cities = make_names(rng, rng.randint(difficulty + 2, difficulty + 4))
+        home, stays = self.cities[0], self.cities[1:difficulty + 1]
         day = rng.randint(1, 5)
-        self.nights = (rng.randint(1, 3), rng.randint(1, 3))
-        self.legs = [(home, first, day), (first, second, day + self.nights[0]),
-                     (second, home, day + sum(self.nights))]
+        self.nights = tuple(rng.randint(1, 3) for _ in stays)
+        route = [home, *stays, home]
+        days = [day + sum(self.nights[:i]) for i in range(len(stays) + 1)]
+        self.legs = [(route[i], route[i + 1], days[i]) for i in range(len(stays) + 1)]
         self.min_stars = rng.choice([3, 4])
 
         flights = [Flight(o, d, t, rng.randrange(60, 400, 10)) for o, d, t in self.legs
@@ -56,7 +66,7 @@ class PlannerEnv(Environment):
             flights.append(Flight(origin, dest, rng.randint(1, 12), rng.randrange(60, 400, 10)))
         hotels = [Hotel(c, rng.randint(1, 5), rng.randrange(40, 250, 5)) for c in self.cities
                   for _ in range(rng.randint(2, 4))]
-        for city in (first, second):
+        for city in stays:
             good = [h.price for h in hotels if h.city == city and h.stars >= self.min_stars]
             if not good:
                 good = [rng.randrange(60, 250, 5)]
@@ -70,16 +80,17 @@ class PlannerEnv(Environment):
         self.hotels = {f"h{i + 1}": h for i, h in enumerate(hotels)}
 
         cheapest = sum(min(f.price for f in flights if (f.origin, f.dest, f.day) == leg) for leg in self.legs)
-        for city, nights in zip((first, second), self.nights, strict=True):
+        for city, nights in zip(stays, self.nights, strict=True):
             cheapest += nights * min(h.price for h in hotels if h.city == city and h.stars >= self.min_stars)
         self.budget = cheapest + rng.randrange(0, 40, 5)
 
-        stays = [f"{n} night" + ("s" if n > 1 else "") for n in self.nights]
-        task = (f"plan a trip from {home}. fly to {first} on day {day} and stay {stays[0]} there, "
-                f"then fly to {second} and stay {stays[1]}, then fly back to {home}. "
+        nights = [f"{n} night" + ("s" if n > 1 else "") for n in self.nights]
+        onward = "".join(f"then fly to {city} and stay {n}, " for city, n in zip(stays[1:], nights[1:], strict=True))
+        task = (f"plan a trip from {home}. fly to {stays[0]} on day {day} and stay {nights[0]} there, "
+                f"{onward}then fly back to {home}. "
                 f"every hotel needs at least {self.min_stars} stars. the whole trip, flights plus hotel "
-                f"nights, may cost at most {self.budget}. answer with the ids in order: flight, hotel, "
-                "flight, hotel, flight.")
+                f"nights, may cost at most {self.budget}. answer with the ids in order: "
+                f"{'flight, hotel, ' * len(stays)}flight.")
         tools = [
             tool_schema("flights", "list the flights from one city to another on one day",
                         origin=("string", "city to leave from"), dest=("string", "city to fly to"),
@@ -87,7 +98,7 @@ class PlannerEnv(Environment):
             tool_schema("hotels", "list the hotels of a city with stars and price per night",
                         city=("string", "the city")),
         ]
-        super().__init__(seed, task, tools)
+        super().__init__(seed, task, tools, difficulty)
 
     def handlers(self) -> dict[str, Callable[..., str]]:
         return {"flights": self.list_flights, "hotels": self.list_hotels}
@@ -111,15 +122,17 @@ class PlannerEnv(Environment):
     def violations(self, final_answer: str) -> list[str]:
         """Every constraint the answer breaks; empty when the plan is valid."""
         ids = re.findall(r"\b[fh]\d+\b", final_answer_text(final_answer).lower())
-        if [i[0] for i in ids] != list("fhfhf"):
-            return [f"expected five ids flight hotel flight hotel flight, got {ids}"]
+        expected = "fh" * len(self.nights) + "f"
+        if "".join(i[0] for i in ids) != expected:
+            order = " ".join("flight" if c == "f" else "hotel" for c in expected)
+            return [f"expected {len(expected)} ids {order}, got {ids}"]
         if any(i not in self.flights and i not in self.hotels for i in ids):
             return ["unknown id"]
         flights = [self.flights[i] for i in ids[0::2]]
         hotels = [self.hotels[i] for i in ids[1::2]]
         broken = [f"flight {i} is not {leg}" for i, f, leg in zip(ids[0::2], flights, self.legs, strict=True)
                   if (f.origin, f.dest, f.day) != leg]
-        for i, hotel, (_, city, _) in zip(ids[1::2], hotels, self.legs[:2], strict=True):
+        for i, hotel, (_, city, _) in zip(ids[1::2], hotels, self.legs[:-1], strict=True):
             if hotel.city != city:
                 broken.append(f"hotel {i} is not in {city}")
             if hotel.stars < self.min_stars:
@@ -134,5 +147,5 @@ class PlannerEnv(Environment):
         return float(not self.violations(final_answer))
 
 
-def make_planner_env(seed: int) -> PlannerEnv:
-    return PlannerEnv(seed)
+def make_planner_env(seed: int, difficulty: int = 2) -> PlannerEnv:
+    return PlannerEnv(seed, difficulty)

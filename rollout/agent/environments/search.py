@@ -3,9 +3,11 @@
 The hidden world has people, organisations, cities and lands with made-up names; the corpus has
 one short fact per document ("zorb was founded by kelm.", "kelm was born in 1923.", "kelm was born
 in the city of vask.", "vask lies in the land of tor.", "zorb is based in vask."). The question
-chains two or three facts ("in which land was the founder of zorb born?"), so no single search
+chains `difficulty` facts (1 to 3: "in which city is zorb based?", "in which land is zorb
+based?", "in which land was the founder of zorb born?"), so from difficulty 2 no single search
 answers it; the one tool, `search`, returns the three documents sharing the most words with the
-query. The answer is a name or a year; verify compares it exactly after normalisation.
+query (the single best one at difficulty 1). The answer is a name or a year; verify compares it
+exactly after normalisation. Difficulty 1 also has a smaller world.
 """
 
 from __future__ import annotations
@@ -14,9 +16,18 @@ import random
 import re
 from collections.abc import Callable
 
-from rollout.agent.environments.base import Environment, final_answer_text, make_names, plain, tool_schema
+from rollout.agent.environments.base import (
+    Environment,
+    check_difficulty,
+    final_answer_text,
+    make_names,
+    plain,
+    tool_schema,
+)
 
 RESULTS_PER_SEARCH = 3
+FIRST_DOC = 10  # documents are numbered from 10: two digits for every corpus size here
+NAME_LENGTH_EASY = 4
 # Words that appear in many documents carry no signal for ranking.
 STOP_WORDS = frozenset("a an and by for in is of on the to was what which who where when".split())
 
@@ -34,13 +45,18 @@ class SearchEnv(Environment):
 
     kind = "search"
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, difficulty: int = 2):
+        check_difficulty("search", difficulty)
         rng = random.Random(seed)
         taken: set[str] = set()
-        people = make_names(rng, rng.randint(8, 12), taken)
-        orgs = make_names(rng, rng.randint(6, 9), taken)
-        cities = make_names(rng, rng.randint(5, 7), taken)
-        lands = make_names(rng, rng.randint(3, 4), taken)
+        small = difficulty == 1
+        # Difficulty 1 is what the tiny CPU model can learn to read in minutes: a small world of 4-letter
+        # names, so every fact sits at the same offset in a search result (with two-digit doc numbers).
+        length = NAME_LENGTH_EASY if small else None
+        people = make_names(rng, rng.randint(4, 6) if small else rng.randint(8, 12), taken, length)
+        orgs = make_names(rng, rng.randint(3, 5) if small else rng.randint(6, 9), taken, length)
+        cities = make_names(rng, rng.randint(3, 4) if small else rng.randint(5, 7), taken, length)
+        lands = make_names(rng, rng.randint(2, 3) if small else rng.randint(3, 4), taken, length)
         self.born_year = {p: rng.randint(1800, 1999) for p in people}
         self.born_city = {p: rng.choice(cities) for p in people}
         self.land_of = {c: rng.choice(lands) for c in cities}
@@ -52,31 +68,34 @@ class SearchEnv(Environment):
                  + [f"{p} was born in the city of {c}." for p, c in self.born_city.items()]
                  + [f"{c} lies in the land of {land}." for c, land in self.land_of.items()])
         rng.shuffle(facts)
-        self.documents = facts  # document i + 1 is facts[i]
+        self.documents = facts  # document FIRST_DOC + i is facts[i]
 
         org = rng.choice(orgs)
         person = self.founder[org]
-        question, self.answer = rng.choice([
-            (f"in what year was the founder of {org} born?", str(self.born_year[person])),
-            (f"in which city was the founder of {org} born?", self.born_city[person]),
-            (f"in which land was the founder of {org} born?", self.land_of[self.born_city[person]]),
-            (f"in which land is {org} based?", self.land_of[self.based_in[org]]),
-        ])
+        questions = {  # by the number of facts they chain
+            1: [(f"in which city is {org} based?", self.based_in[org]),
+                (f"who founded {org}?", person)],
+            2: [(f"in what year was the founder of {org} born?", str(self.born_year[person])),
+                (f"in which city was the founder of {org} born?", self.born_city[person]),
+                (f"in which land is {org} based?", self.land_of[self.based_in[org]])],
+            3: [(f"in which land was the founder of {org} born?", self.land_of[self.born_city[person]])],
+        }
+        question, self.answer = rng.choice(questions[difficulty])
         self.question = question
-        task = (f"answer the question with the help of the search tool. {question} "
-                "end your reply with answer: and the answer.")
+        # The question comes last, right before the model's turn: the tiny model copies names from close by.
+        task = f"use the search tool, then reply with answer: and the answer. {question}"
         tools = [tool_schema("search", "find the documents that share the most words with the query",
                              query=("string", "words to look for"))]
-        super().__init__(seed, task, tools)
+        super().__init__(seed, task, tools, difficulty)
 
     def handlers(self) -> dict[str, Callable[..., str]]:
         return {"search": self.search}
 
     def search(self, query: str) -> str:
         wanted = _words(query)
-        scored = [(len(wanted & _words(doc)), i + 1, doc) for i, doc in enumerate(self.documents)]
+        scored = [(len(wanted & _words(doc)), FIRST_DOC + i, doc) for i, doc in enumerate(self.documents)]
         ranked = sorted((-score, number, doc) for score, number, doc in scored if score > 0)
-        hits = ranked[:RESULTS_PER_SEARCH]
+        hits = ranked[:1 if self.difficulty == 1 else RESULTS_PER_SEARCH]
         if not hits:
             return "no documents match that query."
         return " ".join(f"doc {number}: {doc}" for _, number, doc in hits)
@@ -85,5 +104,5 @@ class SearchEnv(Environment):
         return float(normalize_answer(final_answer_text(final_answer)) == self.answer)
 
 
-def make_search_env(seed: int) -> SearchEnv:
-    return SearchEnv(seed)
+def make_search_env(seed: int, difficulty: int = 2) -> SearchEnv:
+    return SearchEnv(seed, difficulty)

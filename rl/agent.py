@@ -1,0 +1,145 @@
+"""The agent domain of `keel train` (`agent.enabled: true`): environments instead of prompts.
+
+- Dataset: `agent.train_size` environments, each a (kind, seed) pair rebuilt on demand at
+  `agent.difficulty`; a held-out set of `agent.eval_size` from another seed.
+- Warm start (`sft.steps > 0`): supervised steps on the scripted oracle's episodes
+  (`rollout.agent.environments.oracles.solve`), loss on the assistant turns only, so the model
+  learns the layout, the tools and thinking between calls before RL.
+- Rollouts: each of the step's environments is played G times from fresh copies
+  (`rollout.agent.loop.run_episodes`); the G episodes are one GRPO group, and the environment's
+  verifier is the reward.
+- Evaluation: one greedy episode per held-out environment, with `agent.eval_context_strategy`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+from omegaconf import DictConfig
+
+from rl.data import pad_sft_sequences
+from rollout.agent.environments import Environment, environment_specs, make_environment
+from rollout.agent.environments.oracles import solve
+from rollout.agent.loop import encode_text, run_episodes
+from rollout.agent.messages import Message
+from rollout.agent.template import get_template
+
+
+def demonstration(messages: list[Message], template: Any, tokenizer: Any,
+                  tools: list[dict]) -> tuple[list[int], list[int]]:
+    """(token ids, loss mask) of a whole conversation: mask 1 on the assistant turns' own tokens.
+
+    Tokenised the way the rollout loop sees an episode: the first generation prompt with BOS, then
+    each assistant turn and each stretch of text between turns on its own, so the supervised
+    tokens are exactly those the model would generate.
+    """
+    ids: list[int] = []
+    mask: list[int] = []
+    text = ""
+    for i, message in enumerate(messages):
+        if message.role != "assistant":
+            continue
+        prompt = template.render(messages[:i], add_generation_prompt=True, tools=tools)
+        turn = template.render(messages[: i + 1], add_generation_prompt=False, tools=tools)
+        if not prompt.startswith(text) or not turn.startswith(prompt):
+            raise ValueError(f"template {template.name} does not render this conversation append-only")
+        context = (template.encode(messages[:i], tokenizer, add_generation_prompt=True, tools=tools) if not ids
+                   else encode_text(tokenizer, prompt[len(text):]))
+        generated = encode_text(tokenizer, turn[len(prompt):])
+        ids += context + generated
+        mask += [0] * len(context) + [1] * len(generated)
+        text = turn
+    return ids, mask
+
+
+class AgentTask:
+    """The environments of a run and the three things the driver does with them."""
+
+    def __init__(self, cfg: DictConfig, tokenizer: Any):
+        self.cfg, self.agent, self.tokenizer = cfg, cfg.agent, tokenizer
+        self.template = get_template(self.agent.template)
+        self.train_specs = environment_specs(self.agent.environment, self.agent.train_size, self.agent.seed)
+        self.eval_specs = environment_specs(self.agent.environment, self.agent.eval_size, self.agent.eval_seed)
+
+    def environment(self, spec: tuple[str, int]) -> Environment:
+        return make_environment(*spec, difficulty=self.agent.difficulty)
+
+    def _messages(self, env: Environment) -> list[Message]:
+        system = [Message("system", self.agent.system_prompt)] if self.agent.system_prompt else []
+        return [*system, Message("user", env.task)]
+
+    def sft_tensors(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, targets, loss_mask) of the oracle's episodes on the given training environments."""
+        seqs, masks = [], []
+        for i in indices:
+            env = self.environment(self.train_specs[i])
+            ids, mask = demonstration([*self._messages(env), *solve(env)], self.template, self.tokenizer, env.tools)
+            if len(ids) > self.agent.max_total_tokens:
+                raise ValueError(f"an oracle episode of {len(ids)} tokens exceeds agent.max_total_tokens="
+                                 f"{self.agent.max_total_tokens}; raise it or lower agent.difficulty")
+            seqs.append(ids)
+            masks.append(mask)
+        return pad_sft_sequences(seqs, masks)
+
+    def _play(self, client: Any, specs: list[tuple[str, int]], copies: int, sampling: dict, strategy: str,
+              version: int) -> tuple[pa.RecordBatch, dict[str, float]]:
+        envs = [self.environment(spec) for spec in specs for _ in range(copies)]
+        return run_episodes(client, envs, self.template, self.tokenizer, sampling, self.agent.max_turns,
+                            self.agent.max_total_tokens, strategy, policy_version=version,
+                            prompt_indices=[k // copies for k in range(len(envs))],
+                            system_prompt=self.agent.system_prompt or None)
+
+    def rollout(self, client: Any, indices: list[int], sampling: dict,
+                step: int) -> tuple[pa.RecordBatch, dict[str, float]]:
+        """G episodes per chosen training environment (G = sampling["n"]), rewarded by its verifier."""
+        specs = [self.train_specs[i] for i in indices]
+        return self._play(client, specs, sampling["n"], sampling, self.agent.context_strategy, step)
+
+    def evaluate(self, client: Any, sampling: dict) -> dict[str, float]:
+        """Held-out success rate (one greedy episode per environment), with turns and tool calls per episode."""
+        batch, metrics = self._play(client, self.eval_specs, 1, sampling, self.agent.eval_context_strategy, -1)
+        rewards = batch.column("reward").to_pylist()
+        return {"eval/accuracy": sum(r >= 1.0 for r in rewards) / len(rewards), "eval/reward": metrics["agent/reward"],
+                "eval/turns": metrics["agent/turns"], "eval/tool_calls": metrics["agent/tool_calls"],
+                "eval/context_uses": metrics["context/uses"]}
+
+
+# ---- long-horizon evaluation: the context strategies side by side ----------------------------------
+
+
+def context_strategy_table(client: Any, task: AgentTask, sampling: dict, strategies: list[str],
+                           samples: int) -> dict[str, dict[str, float]]:
+    """Per strategy, `samples` episodes on each held-out environment: success rate, turns and tool calls per
+    episode, how many episodes needed room (context uses > 0, or ended at the budget under "none")."""
+    table = {}
+    for strategy in strategies:
+        batch, metrics = task._play(client, task.eval_specs, samples, sampling, strategy, -1)
+        n = batch.num_rows
+        rewards = batch.column("reward").to_pylist()
+        over = [f == "context_budget" or s > 1 for f, s in zip(batch.column("finish_reason").to_pylist(),
+                                                               batch.column("segments").to_pylist(), strict=True)]
+        table[strategy] = {"success": sum(r >= 1.0 for r in rewards) / n, "turns": metrics["agent/turns"],
+                           "tool_calls": metrics["agent/tool_calls"], "over_budget": sum(over) / n,
+                           "context_uses": metrics["context/uses"] / n, "episodes": float(n)}
+    return table
+
+
+def evaluate_context_strategies(cfg: DictConfig, checkpoint: str, strategies: list[str], samples: int,
+                                greedy: bool) -> dict[str, dict[str, float]]:
+    """Serve `checkpoint` on one rollout engine and fill `context_strategy_table` for the config's held-out
+    environments at `agent.max_total_tokens` (sampling as in training unless `greedy`)."""
+    from omegaconf import OmegaConf
+
+    from rl.driver import Run, ray_session
+    from rollout.client import RolloutClient
+
+    with ray_session(cfg.run.ray_address, cfg.rollout.num_workers + 2):
+        run = Run(cfg, Path(checkpoint))
+        client = RolloutClient(checkpoint, cfg.rollout.num_workers, OmegaConf.to_container(cfg.rollout.engine))
+        try:
+            return context_strategy_table(client, run.agent, run.sampling(0, greedy=greedy), strategies, samples)
+        finally:
+            client.shutdown()
