@@ -242,8 +242,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> Path:
     ckpt = latest_checkpoint(run_dir)
     state = json.loads((ckpt / "loop_state.json").read_text()) if ckpt else {"step": 0, "eval_before": None}
     policy = ckpt / "model" if ckpt else init
+    # Without a checkpoint the run starts over (eval included), so none of an interrupted run's records stay.
     logger = MetricsLogger(run_dir, cfg.run.wandb_mode, cfg.run.wandb_project, run_dir.name,
-                           OmegaConf.to_container(cfg), resume_step=state["step"] if ckpt else None)
+                           OmegaConf.to_container(cfg), resume_step=state["step"] if ckpt else -1)
     trainer = run.trainer_group(policy, init, cfg.grpo.lr)
     client = RolloutClient(str(policy), cfg.rollout.num_workers, OmegaConf.to_container(cfg.rollout.engine))
     try:

@@ -80,3 +80,18 @@ def test_dumped_episodes_mask_tool_results(agent_run):
         calls += row["tool_calls"]
         assert row["reward"] in (0.0, 1.0)
     assert calls > 0  # after the warm start the model does call the tool
+
+
+def test_eval_agent_compares_context_strategies(agent_run):
+    """`keel eval-agent`'s table on the trained checkpoint, with a budget too small for whole episodes."""
+    from rl.agent import evaluate_context_strategies
+
+    cfg = load_config(AGENT, OVERRIDES + ["agent.max_total_tokens=190", "agent.max_turns=4"])
+    table = evaluate_context_strategies(cfg, str(agent_run / "checkpoints" / "step_2" / "model"),
+                                        ["none", "discard_all", "summary"], samples=1, greedy=True)
+    assert list(table) == ["none", "discard_all", "summary"]
+    for row in table.values():
+        assert row["episodes"] == 8 and 0.0 <= row["success"] <= 1.0 and row["turns"] >= 1
+    # A turn that ends in a tool call cannot be followed within 190 tokens: episodes need room.
+    assert table["none"]["context_uses"] == 0 and table["none"]["over_budget"] > 0
+    assert table["discard_all"]["context_uses"] > 0 and table["summary"]["context_uses"] > 0

@@ -68,7 +68,7 @@ def test_agent_domain_becomes_an_agent_run(tmp_path):
     agent = next(d for d in recipe.domains if d.name == "agent")
     cfg = specialist_config(recipe, agent, tmp_path, tmp_path / "base")
     assert cfg.agent.enabled and cfg.agent.environment == "search" and cfg.agent.difficulty == 1
-    assert cfg.sft.steps == 150  # its own warm start on oracle episodes; prompt domains are forced to 0
+    assert cfg.sft.steps == 250  # its own warm start on oracle episodes; prompt domains are forced to 0
     math = specialist_config(recipe, recipe.domains[0], tmp_path, tmp_path / "base")
     assert not math.agent.enabled and math.sft.steps == 0
     bad = tmp_path / "bad.yaml"

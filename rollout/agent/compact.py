@@ -72,6 +72,8 @@ def _parse_call(inner: str) -> tuple[ToolCall | None, str | None]:
             return None, f"argument {piece!r} of {name!r} is not key=value"
         if key in arguments:
             return None, f"argument {key!r} given twice in call to {name!r}"
+        if "<" in value:  # the layout could not render it back (a generated `<a(k=x<y)>`)
+            return None, f"argument {key!r} of {name!r} contains <"
         arguments[key] = _parse_value(value)
     return ToolCall(name, arguments), None
 

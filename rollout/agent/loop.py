@@ -208,8 +208,14 @@ def read_turn(episode: Episode, template: ChatTemplate, text: str, max_turns: in
         episode.finish_reason = TRUNCATED
         return
     parsed = template.parse(text)
-    if not parsed.ok:
-        episode.parse_error, episode.finish_reason = parsed.error, PARSE_ERROR
+    error = parsed.error
+    if parsed.ok:
+        try:  # a parser more lenient than its renderer must not break the append-only stream later
+            template.render([parsed.to_message()], add_generation_prompt=False)
+        except ValueError as unrenderable:
+            error = str(unrenderable)
+    if error:
+        episode.parse_error, episode.finish_reason = error, PARSE_ERROR
         return
     episode.messages.append(parsed.to_message())
     if not parsed.tool_calls:

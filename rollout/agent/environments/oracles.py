@@ -53,7 +53,7 @@ def solve_search(env: SearchEnv) -> list[Message]:
         person = _first(rf"\b{org} was founded by ([a-z]+)\.", results)
         return episode.answer(f"{org} was founded by {person}", person)
     org = _first(r"(?:founder of|is) ([a-z]+) (?:born|based)", question)
-    if "based" in question:
+    if re.search(r"\bbased\?", question):
         results = episode.call(f"first where {org} is based", "search", query=f"{org} based")
         city = _first(rf"\b{org} is based in ([a-z]+)\.", results)
         if "which city" in question:

@@ -48,7 +48,7 @@ class SearchEnv(Environment):
     def __init__(self, seed: int, difficulty: int = 2):
         check_difficulty("search", difficulty)
         rng = random.Random(seed)
-        taken: set[str] = set()
+        taken = set(STOP_WORDS)  # a name the search tool ignores could never be found
         small = difficulty == 1
         # Difficulty 1 is what the tiny CPU model can learn to read in minutes: a small world of 4-letter
         # names, so every fact sits at the same offset in a search result (with two-digit doc numbers).
