@@ -111,10 +111,7 @@ def _cmd_specialists(args: argparse.Namespace) -> int:
     if args.ray_address:
         os.environ["RAY_ADDRESS"] = args.ray_address
     cfg = None if args.resume else load_specialists_config(args.config, args.overrides)
-    try:
-        run_specialists(cfg, resume=args.resume)
-    except NotImplementedError as err:  # a domain keel cannot train yet (the agent domain)
-        raise SystemExit(f"keel specialists: {err}") from None
+    run_specialists(cfg, resume=args.resume)
     return 0
 
 
