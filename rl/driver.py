@@ -146,9 +146,9 @@ class Run:
         """Supervised tensors: reference answers to the prompts, or the oracle's episodes (agents)."""
         if self.agent:
             return self.agent.sft_tensors(idx)
-        prompts = self.train_set.column("prompt").to_pylist()
-        answers = [str(a) for a in self.train_set.column("answer").to_pylist()]
-        return sft_tensors([prompts[i] for i in idx], [answers[i] for i in idx], self.tokenizer)
+        rows = self.train_set.take(idx)  # only the step's rows, not the whole table each step
+        answers = [str(a) for a in rows.column("answer").to_pylist()]
+        return sft_tensors(rows.column("prompt").to_pylist(), answers, self.tokenizer)
 
     # ---- rollouts, rewards, evaluation -----------------------------------------------------------
 
