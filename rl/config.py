@@ -55,6 +55,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     enforce_eager: bool = True
     seed: int = 0
+    # CPU weight sync: shm (a file in /dev/shm, one node), object_store (Ray's object store, any node), or auto
+    # (shm for workers on the driver's node, the object store for the others); rollout/weight_sync.py.
+    weight_transport: str = "auto"
 
 
 @dataclass

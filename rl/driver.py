@@ -45,7 +45,13 @@ def ray_session(address: str, cpus_needed: int):
         yield
         return
     if address:
-        ray.init(address=address)
+        try:
+            ray.init(address=address)
+        except ConnectionError as err:
+            hint = "" if os.environ.get("RAY_AUTH_MODE") else (
+                "; a cluster started with `ray start` uses token authentication when ~/.ray/auth_token exists: "
+                "set RAY_AUTH_MODE=token (and the same token file) to join it")
+            raise ConnectionError(f"could not join the Ray cluster at {address}: {err}{hint}") from err
     else:
         # Logical CPUs: actors hold theirs for the whole run, reward tasks need a few more to schedule.
         ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False,

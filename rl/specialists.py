@@ -410,6 +410,18 @@ def concurrent_slots(needs: list[dict[str, float]], cluster: dict[str, float]) -
     return min(slots)
 
 
+def submit_job(client, entrypoint: str, submission_id: str, timeout_s: float = 180.0) -> str:
+    """Submit one job; retried while the head's job agent is still starting (a cluster that just came up)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, submission_id=submission_id, entrypoint_num_cpus=1)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(5.0)
+
+
 def train_as_ray_jobs(recipe: DictConfig, recipe_dir: Path, state: dict, configs: dict[str, DictConfig]) -> None:
     """Each unfinished specialist as its own Ray job running `keel train --resume RUN_DIR` (untested: needs a Ray
     cluster with the job server). The recipe directory must be on storage every node mounts at the same path.
@@ -433,11 +445,8 @@ def train_as_ray_jobs(recipe: DictConfig, recipe_dir: Path, state: dict, configs
             name = todo.pop(0)
             entry = state["specialists"].setdefault(name, {"run_dir": None})
             entry["run_dir"] = entry["run_dir"] or str(new_run_dir(configs[name]))
-            entry["job_id"] = client.submit_job(
-                entrypoint=f"keel train --resume {shlex.quote(entry['run_dir'])}",
-                submission_id=f"keel-{name}-{uuid.uuid4().hex[:8]}",
-                entrypoint_num_cpus=1,
-            )
+            entry["job_id"] = submit_job(client, f"keel train --resume {shlex.quote(entry['run_dir'])}",
+                                         f"keel-{name}-{uuid.uuid4().hex[:8]}")
             write_state(recipe_dir, state)
             running[name] = entry["job_id"]
             tqdm.write(f"keel: specialist {name!r}: submitted Ray job {entry['job_id']} ({entry['run_dir']})")

@@ -5,6 +5,12 @@ RolloutBatches in prompt order. Workers are Ray actors with `max_restarts`: when
 restarts it (from the original checkpoint), the client pushes it the latest weights again and
 re-issues its share. A share's result arrives whole or not at all, so every sample is returned
 exactly once.
+
+Weights (CPU): `update_weights` publishes each version once and sends every worker a handle. The
+`weight_transport` engine setting picks how the bytes travel (`rollout.weight_sync.plan_transport`): a
+/dev/shm file for workers on the driver's Ray node, Ray's object store for workers elsewhere ("auto",
+the default), the file only ("shm") or the object store only ("object_store"). Worker nodes are asked
+once at start-up and again when a worker restarts (it may come back on another node).
 """
 
 from __future__ import annotations
@@ -35,6 +41,11 @@ class RolloutClient:
         self.facts = serving.model_facts(checkpoint_dir)
         self.expected_weights = weight_sync.checkpoint_shapes(checkpoint_dir)
         self.engine = {**ENGINE_DEFAULTS, **engine}
+        self.weight_transport = self.engine["weight_transport"]
+        if self.weight_transport not in weight_sync.TRANSPORTS:
+            raise ValueError(
+                f"engine.weight_transport must be one of {weight_sync.TRANSPORTS}, got {self.weight_transport!r}"
+            )
         # vLLM sizes its own CPU threads, so on CPU an actor reserves no Ray CPU slot.
         default = {"num_gpus": self.engine["tensor_parallel_size"]} if cuda else {"num_cpus": 0}
         options = {**default, **(ray_options or {}), "max_restarts": max_restarts, "max_task_retries": 0}
@@ -44,7 +55,9 @@ class RolloutClient:
         self.version = 0
         self.handle: weight_sync.WeightHandle | None = None  # latest published weights (CPU)
         self.reissued = 0  # shares re-run after a worker died
-        ray.get([w.ping.remote() for w in self.workers])
+        self.last_update: list[dict] = []  # per worker: what its latest update_weights loaded, and from where
+        self.driver_node = ray.get_runtime_context().get_node_id()
+        self.worker_nodes = [s["node_id"] for s in ray.get([w.ping.remote() for w in self.workers])]
 
     def generate(self, prompts: list[list[int]], sampling: dict, policy_version: int) -> pa.RecordBatch:
         """G = sampling["n"] rows per prompt, in prompt order; prompt_index = position in `prompts`."""
@@ -68,11 +81,16 @@ class RolloutClient:
             )
         shapes = {n: tuple(t.shape) for n, t in named_tensors.items()}
         weight_sync.check_weights(shapes, self.expected_weights)
-        handle = weight_sync.publish_weights(named_tensors, version)
+        file, blob = weight_sync.plan_transport(self.weight_transport, self.driver_node, self.worker_nodes)
+        handle = weight_sync.publish_weights(named_tensors, version, file=file, blob=blob)
         previous, self.handle, self.version = self.handle, handle, version
-        self._run([(i, "update_weights", (handle, version)) for i in range(len(self.workers))])
-        if previous is not None:
-            weight_sync.release_weights(previous)
+        del handle  # self.handle may gain a blob if a worker restarts on another node (`_recover`)
+        try:
+            self.last_update = self._run([(i, "update_weights", None) for i in range(len(self.workers))])
+        finally:
+            if previous is not None:
+                weight_sync.release_weights(previous)
+            del previous  # the old version's object-store ref (if any) goes with it
 
     def weight_sync_client(self) -> WorkerWeightSyncClient:
         """CUDA: the `VLLMWeightSyncClient` that vLLM's trainer-side NCCL engine drives."""
@@ -90,10 +108,14 @@ class RolloutClient:
         self.workers = []
         if self.handle is not None:
             weight_sync.release_weights(self.handle)
-            self.handle = None
+            self.handle = None  # drops the object-store ref too
 
-    def _run(self, calls: list[tuple[int, str, tuple]]) -> list:
-        """Run (worker, method, args) calls; results in call order; re-issue calls whose worker died."""
+    def _run(self, calls: list[tuple[int, str, tuple | None]]) -> list:
+        """Run (worker, method, args) calls; results in call order; re-issue calls whose worker died.
+
+        An "update_weights" call takes no args: it always sends the latest handle and version, and one
+        whose worker died is not re-issued when `_recover` already brought the restarted worker to them.
+        """
         results: list = [None] * len(calls)
         pending = {self._submit(*call): k for k, call in enumerate(calls)}
         while pending:
@@ -102,17 +124,22 @@ class RolloutClient:
             try:
                 results[k] = ray.get(done[0])
             except ray.exceptions.RayActorError:
-                worker = calls[k][0]
-                self._recover(worker)
+                worker, method, _ = calls[k]
+                loaded = self._recover(worker)
+                if method == "update_weights" and loaded is not None:
+                    results[k] = loaded
+                    continue
                 self.reissued += 1
                 pending[self._submit(*calls[k])] = k
         return results
 
-    def _submit(self, worker: int, method: str, args: tuple) -> ray.ObjectRef:
+    def _submit(self, worker: int, method: str, args: tuple | None) -> ray.ObjectRef:
+        if method == "update_weights":
+            args = (self.handle, self.version)
         return getattr(self.workers[worker], method).remote(*args)
 
-    def _recover(self, worker: int, timeout_s: float = 600.0) -> None:
-        """Wait for Ray to restart a dead worker, then bring it to the latest weights."""
+    def _recover(self, worker: int, timeout_s: float = 600.0) -> dict | None:
+        """Wait for Ray to restart a dead worker, then bring it to the latest weights (its update's result)."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -122,8 +149,17 @@ class RolloutClient:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)
-        if self.handle is not None and state["version"] != self.version:
-            ray.get(self.workers[worker].update_weights.remote(self.handle, self.version))
+        self.worker_nodes[worker] = state["node_id"]
+        if self.handle is None or state["version"] == self.version:
+            return None
+        _, blob = weight_sync.plan_transport(self.weight_transport, self.driver_node, self.worker_nodes)
+        if blob and self.handle.blob is None:
+            # Restarted on another node than the driver's: the /dev/shm file is out of its reach.
+            self.handle = weight_sync.attach_blob(self.handle)
+        result = ray.get(self.workers[worker].update_weights.remote(self.handle, self.version))
+        if worker < len(self.last_update):
+            self.last_update[worker] = result
+        return result
 
 
 class WorkerWeightSyncClient:

@@ -1,63 +1,198 @@
-"""Moving the trainer's weights into the rollout engines (CPU path: shared memory).
+"""Moving the trainer's weights into the rollout engines (CPU path: shared memory or Ray's object store).
 
-The trainer calls `publish_weights(model.state_dict(), version)`: the tensors (HF `deepseek_v32`
-checkpoint names, per-expert tensors included) are written once to a safetensors file under
-/dev/shm, and the returned `WeightHandle` (a path and the names/shapes) is all that crosses Ray.
-Each worker checks the handle against its checkpoint's names and shapes and hands the path to
-its engine, which reads the file memory-mapped. vLLM's engine-to-worker rpc cannot carry tensors
-by value ("cannot pickle memoryview objects"), so a path is also what the engine needs.
+`RolloutClient.update_weights` calls `publish_weights(named_tensors, version, ...)`: the tensors (HF
+`deepseek_v32` checkpoint names, per-expert tensors included) are serialized once, in safetensors format,
+and the returned `WeightHandle` (the names/shapes and where the bytes are) is all that crosses Ray. Each
+worker checks the handle against its checkpoint's names and shapes and hands its engine the path of a
+safetensors file, which the engine reads memory-mapped. vLLM's engine-to-worker rpc cannot carry tensors
+by value ("cannot pickle memoryview objects"), so a path on the engine's node is what the engine needs.
 
-Workers on other nodes cannot see this node's /dev/shm; that case is not implemented.
+Two transports carry the bytes, chosen per client by the `weight_transport` setting (`plan_transport`):
+  shm           one file under the driver's /dev/shm (`handle.path`). Workers on the driver's node read it
+                directly; workers on other nodes cannot see it.
+  object_store  the same bytes put once into Ray's object store (`handle.blob`, an ObjectRef nested in the
+                handle, so Ray hands it over unresolved). A worker that cannot see `handle.path` fetches it
+                with `ray.get`, writes it to a temp file under its own node's /dev/shm, loads that and
+                removes it (`weights_file`). The client drops the ref when it publishes the next version and
+                at shutdown, and Ray frees the object once no worker still borrows it.
+  auto          (the default) the file for workers on the driver's node, plus the blob only when some worker
+                runs on another Ray node (node ids asked once at start-up and again after a restart).
 The CUDA path (NCCL broadcast through vLLM's weight-transfer engine) lives in `worker.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import shutil
 import socket
 import tempfile
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 _SHM = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+TRANSPORTS = ("auto", "shm", "object_store")
+RECEIVED_PREFIX = "keel-weights-recv-"  # a worker's local copy of an object-store blob (removed after loading)
 
 
 @dataclass(frozen=True)
 class WeightHandle:
-    """Where a published weight version lives, and what it holds."""
+    """Where a published weight version lives, and what it holds.
+
+    path: the safetensors file on the publishing host ("" when only the object store carries the bytes).
+    blob: a Ray ObjectRef to the same bytes (a uint8 array), or None. Nested in the handle, so passing the
+    handle to an actor method does not make Ray fetch the bytes; only a worker that needs them does.
+    """
 
     path: str
     version: int
     host: str
     shapes: dict[str, tuple[int, ...]] = field(repr=False)
+    blob: Any = field(default=None, repr=False, compare=False)
+
+
+def plan_transport(setting: str, driver_node: str, worker_nodes: Sequence[str | None]) -> tuple[bool, bool]:
+    """(write the /dev/shm file, put the bytes in the object store) for a `weight_transport` setting.
+
+    "shm": the file only; "object_store": the blob only (even on one node); "auto": the file when some
+    worker shares the driver's Ray node, the blob when some worker does not.
+    """
+    if setting not in TRANSPORTS:
+        raise ValueError(f"weight_transport must be one of {TRANSPORTS}, got {setting!r}")
+    if setting == "shm":
+        return True, False
+    if setting == "object_store":
+        return False, True
+    if not worker_nodes:
+        raise ValueError("plan_transport needs the node of at least one worker")
+    return any(n == driver_node for n in worker_nodes), any(n != driver_node for n in worker_nodes)
 
 
 def publish_weights(
-    named_tensors: dict[str, torch.Tensor], version: int, directory: str | None = None
+    named_tensors: dict[str, torch.Tensor],
+    version: int,
+    directory: str | None = None,
+    file: bool = True,
+    blob: bool = False,
 ) -> WeightHandle:
-    """Write `named_tensors` to one safetensors file in shared memory; returns its handle."""
+    """Serialize `named_tensors` once: to a safetensors file in shared memory (`file`) and/or into Ray's
+    object store (`blob`, needs a connected Ray); returns the handle."""
     if not named_tensors:
         raise ValueError("publish_weights got no tensors")
+    if not (file or blob):
+        raise ValueError("publish_weights needs a file, a blob or both")
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in named_tensors.items()}
-    folder = Path(directory or tempfile.mkdtemp(prefix="keel-weights-", dir=_SHM))
-    path = folder / f"v{version}-{uuid.uuid4().hex[:8]}.safetensors"
-    save_file(tensors, str(path))
     shapes = {n: tuple(t.shape) for n, t in tensors.items()}
-    return WeightHandle(path=str(path), version=version, host=socket.gethostname(), shapes=shapes)
+    path, ref = "", None
+    if file:
+        folder = Path(directory or tempfile.mkdtemp(prefix="keel-weights-", dir=_SHM))
+        folder.mkdir(parents=True, exist_ok=True)
+        path = str(folder / f"v{version}-{uuid.uuid4().hex[:8]}.safetensors")
+    if blob:
+        import ray
+
+        data = save(tensors)
+        if file:
+            Path(path).write_bytes(data)
+        ref = ray.put(np.frombuffer(data, dtype=np.uint8))
+        del data
+    else:
+        save_file(tensors, path)
+    return WeightHandle(path=path, version=version, host=socket.gethostname(), shapes=shapes, blob=ref)
+
+
+def attach_blob(handle: WeightHandle) -> WeightHandle:
+    """The handle with its published file's bytes also in the object store (for a worker that moved node)."""
+    if handle.blob is not None:
+        return handle
+    import ray
+
+    return dataclasses.replace(handle, blob=ray.put(np.fromfile(handle.path, dtype=np.uint8)))
 
 
 def release_weights(handle: WeightHandle) -> None:
-    """Delete a published version's file (and its folder once empty)."""
+    """Delete a published version's file (and its folder once empty). Its blob is freed by Ray once the
+    caller drops the handle (and no worker still borrows the ref)."""
+    if not handle.path:
+        return
     path = Path(handle.path)
     path.unlink(missing_ok=True)
     if path.parent.name.startswith("keel-weights-") and not any(path.parent.iterdir()):
         shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def fetch_blob(blob: Any) -> np.ndarray:
+    """The bytes behind a handle's blob (a Ray ObjectRef): a uint8 array, read-only."""
+    import ray
+
+    return ray.get(blob)
+
+
+@contextlib.contextmanager
+def weights_file(handle: WeightHandle, directory: str | None = None) -> Iterator[tuple[str, str]]:
+    """(path, source) of a safetensors file this process can read the handle's tensors from.
+
+    source "file": the published file, visible here (same node). source "object_store": the blob, fetched
+    and written to a temp file under this node's /dev/shm (or `directory`), removed when the block exits,
+    whether the load succeeded or not. Neither visible file nor blob: FileNotFoundError.
+    """
+    if handle.path and os.path.exists(handle.path):
+        yield handle.path, "file"
+        return
+    if handle.blob is None:
+        where = f"weight file {handle.path}" if handle.path else "weight version without a file"
+        raise FileNotFoundError(
+            f"{where} (published on host {handle.host}, version {handle.version}) is not visible to this "
+            f"worker on host {socket.gethostname()}, and the handle carries no object-store copy; shared-memory "
+            "weight sync needs trainer and workers on one node: set the rollout engine setting "
+            "weight_transport='object_store' (or 'auto') to ship weights through Ray's object store"
+        )
+    folder = directory or _SHM
+    remove_stale_copies(folder)
+    prefix = f"{RECEIVED_PREFIX}{socket.gethostname()}-{os.getpid()}-v{handle.version}-"
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=".safetensors", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            data = fetch_blob(handle.blob)
+            f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+            del data  # unpin the object-store buffer before the engine reads the copy
+        yield path, "object_store"
+    finally:
+        Path(path).unlink(missing_ok=True)
+
+
+def remove_stale_copies(folder: str) -> list[str]:
+    """Remove received copies under `folder` left by processes on this host that are gone (a worker killed
+    while loading runs no cleanup); returns them."""
+    removed = []
+    host = socket.gethostname()
+    for entry in Path(folder).glob(f"{RECEIVED_PREFIX}{host}-*"):
+        pid = entry.name[len(RECEIVED_PREFIX) + len(host) + 1 :].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        entry.unlink(missing_ok=True)
+        removed.append(str(entry))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def checkpoint_shapes(checkpoint_dir: str) -> dict[str, tuple[int, ...]]:

