@@ -80,14 +80,19 @@ def sample_indices(n_rows: int, k: int, seed: int, step: int) -> list[int]:
     return rng.choice(n_rows, size=k, replace=k > n_rows).tolist()
 
 
-def sft_tensors(prompts: list[str], answers: list[str], tokenizer: CharTokenizer):
-    """(input_ids, targets, loss_mask), right-padded: loss on the answer and its <eos> only."""
+def sft_sequences(prompts: list[str], answers: list[str], tokenizer: CharTokenizer):
+    """(seqs, masks): prompt + answer + <eos> token ids per sample, and 1 on the answer and <eos> only."""
     seqs, masks = [], []
     for p, a in zip(prompts, answers, strict=True):
         prompt, answer = tokenizer.encode(p), tokenizer.encode(a, bos=False) + [tokenizer.eos_id]
         seqs.append(prompt + answer)
         masks.append([0] * len(prompt) + [1] * len(answer))
-    return pad_sft_sequences(seqs, masks)
+    return seqs, masks
+
+
+def sft_tensors(prompts: list[str], answers: list[str], tokenizer: CharTokenizer):
+    """(input_ids, targets, loss_mask), right-padded: loss on the answer and its <eos> only."""
+    return pad_sft_sequences(*sft_sequences(prompts, answers, tokenizer))
 
 
 def pad_sft_sequences(seqs: list[list[int]], masks: list[list[int]]):
@@ -110,3 +115,54 @@ def pad_sft_sequences(seqs: list[list[int]], masks: list[list[int]]):
         targets[i, : len(s) - 1] = t[1:]
         loss_mask[i, : len(s) - 1] = torch.tensor(m[1:], dtype=torch.float32)
     return input_ids, targets, loss_mask
+
+
+def pack_sft_sequences(seqs: list[list[int]], masks: list[list[int]], max_len: int, rows_multiple_of: int = 1):
+    """(input_ids, targets, loss_mask, segment_ids): the samples packed into as few rows as first-fit finds.
+
+    Each sample is what `pad_sft_sequences` makes of it: its tokens but the last as inputs, the next token of
+    the same sample as targets, so a sample of n tokens takes n - 1 positions and no position predicts a token
+    of another sample. Samples go, in order, into the first row with room (greedy first-fit), at most max_len
+    positions a row. segment_ids is i + 1 on the positions of sample i and 0 on padding (target 0, loss 0);
+    give it to the model so samples do not attend to each other. Rows are as wide as the fullest one; empty
+    rows (all padding) make the row count a multiple of rows_multiple_of (the trainer ranks share rows evenly).
+    """
+    import torch
+
+    if not seqs:
+        raise ValueError("no sequences to pack")
+    rows: list[list[int]] = []  # sample indices per row
+    room: list[int] = []  # positions left per row
+    for i, (s, m) in enumerate(zip(seqs, masks, strict=True)):
+        if len(m) != len(s):
+            raise ValueError(f"sequence {i}: {len(s)} tokens but a loss mask of {len(m)}")
+        need = len(s) - 1
+        if need > max_len:
+            raise ValueError(f"sequence {i} has {len(s)} tokens ({need} positions); packed rows hold {max_len} "
+                             f"positions (a sample of at most {max_len + 1} tokens): raise the pack length")
+        if need < 1:
+            raise ValueError(f"sequence {i} has {len(s)} token(s); a training sample needs at least 2")
+        row = next((r for r, left in enumerate(room) if left >= need), None)
+        if row is None:
+            rows.append([])
+            room.append(max_len)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= need
+
+    width = max_len - min(room)
+    n_rows = -(-max(len(rows), 1) // rows_multiple_of) * rows_multiple_of
+    input_ids = torch.zeros(n_rows, width, dtype=torch.long)
+    targets = torch.zeros(n_rows, width, dtype=torch.long)
+    loss_mask = torch.zeros(n_rows, width)
+    segment_ids = torch.zeros(n_rows, width, dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            t, n = torch.tensor(seqs[i]), len(seqs[i]) - 1
+            input_ids[r, at : at + n] = t[:-1]
+            targets[r, at : at + n] = t[1:]
+            loss_mask[r, at : at + n] = torch.tensor(masks[i][1:], dtype=torch.float32)
+            segment_ids[r, at : at + n] = i + 1
+            at += n
+    return input_ids, targets, loss_mask, segment_ids

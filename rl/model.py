@@ -12,6 +12,10 @@ Two things the RL recipe needs from the forward pass, beyond logits:
                  (kernels.indexer_kl_loss); the indexer sees detached inputs, so the LM loss never
                  reaches it and its loss never reaches the rest.
 
+Packed rows (several samples in one row, for SFT) pass `segment_ids`: a token then attends only to earlier
+tokens of its own segment and RoPE positions restart at each segment, so every sample computes exactly what
+it would alone. Without them the model is the plain causal LM and none of this costs anything.
+
 Attention runs in the absorbed shared-latent form: W_UK is folded into the queries, so every head
 attends over the same 576-wide per-token entry [c_kv | k_rope] and the output latent is mapped by W_UV.
 """
@@ -67,6 +71,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def segment_attention(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions [B, T], mask [B, T, T] bool) of packed rows; a segment is a run of equal ids.
+
+    Key s is visible to query t when start(t) <= s <= t, start(t) being where t's segment begins: causal
+    and same segment. The position of t is t - start(t), so RoPE sees every sample as if it began the row.
+    """
+    t = torch.arange(segment_ids.shape[1], device=segment_ids.device)
+    is_start = torch.ones_like(segment_ids, dtype=torch.bool)
+    is_start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start = torch.where(is_start, t, 0).cummax(dim=1).values
+    mask = (start[:, :, None] <= t[None, None, :]) & (t[None, None, :] <= t[None, :, None])
+    return t - start, mask
+
+
+def visible_indices(mask: torch.Tensor) -> torch.Tensor:
+    """The positions True in mask [B, T, S] as a top-k style selection [B, T, K], -1 in unused slots."""
+    k = int(mask.sum(-1).max())
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    return positions.masked_fill(~mask, -1).topk(k, dim=-1).values
+
+
 class Indexer(nn.Module):
     """Lightning indexer: I[t, s] = sum_j w[t, j] * ReLU(q[t, j] . k[s]) over index_n_heads heads j.
 
@@ -83,8 +108,15 @@ class Indexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
 
-    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Scores [B, T, T] (fp32, -inf above the diagonal) for hidden states x and query latents."""
+    def forward(
+        self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scores [B, T, T] (fp32, -inf above the diagonal) for hidden states x and query latents.
+
+        mask: [B, T, T] bool, True where key s is visible to query t (packed rows); the others are set to
+        -inf too, so top-k never selects a token of another segment and the indexer loss never sees one.
+        """
         bsz, seqlen, _ = x.shape
         q = self.wq_b(q_latent).view(bsz, seqlen, self.n_heads, self.head_dim)
         q = torch.cat([apply_rope(q[..., : self.rope_dim], cos, sin, interleaved=False), q[..., self.rope_dim :]], -1)
@@ -93,7 +125,8 @@ class Indexer(nn.Module):
         # Both scales fold into the head weights because ReLU(c * z) = c * ReLU(z) for c > 0.
         w = F.linear(x.float(), self.weights_proj.weight.float())
         w = w * (self.n_heads**-0.5 * self.head_dim**-0.5)
-        return indexer_scores(q, k[:, :, 0, :], w)
+        scores = indexer_scores(q, k[:, :, 0, :], w)
+        return scores if mask is None else scores.masked_fill(~mask, float("-inf"))
 
 
 class MLA(nn.Module):
@@ -132,7 +165,9 @@ class MLA(nn.Module):
         sparse: bool,
         indexer_loss: bool,
         query_mask: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """mask: [B, T, T] bool attention mask of a packed row (causal and same segment), or None: causal."""
         bsz, seqlen, _ = x.shape
         q_latent = self.q_a_layernorm(self.q_a_proj(x))
         q = self.q_b_proj(q_latent).view(bsz, seqlen, self.n_heads, -1)
@@ -156,12 +191,15 @@ class MLA(nn.Module):
 
         indices, loss = None, None
         if use_indexer:
-            scores = self.indexer(x.detach(), q_latent.detach(), cos, sin)
+            scores = self.indexer(x.detach(), q_latent.detach(), cos, sin, mask)
             if select:
                 indices = topk_indices(scores, self.index_topk)
             if indexer_loss:
                 q_abs, kv = absorbed()
-                loss = indexer_kl_loss(q_abs.detach(), kv.detach(), self.softmax_scale, scores, indices, query_mask)
+                # The dense target of a packed row is attention over the query's own segment: given as an
+                # explicit selection, the loss kernels (reference and Triton) need no separate mask.
+                selected = visible_indices(mask) if indices is None and mask is not None else indices
+                loss = indexer_kl_loss(q_abs.detach(), kv.detach(), self.softmax_scale, scores, selected, query_mask)
 
         if indices is None:
             # Dense: the per-head form (keys nope+rope wide, not 576) through SDPA, the cheap way to train.
@@ -169,9 +207,14 @@ class MLA(nn.Module):
             k = torch.cat([k_nope, k_rope[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
             v = torch.einsum("btr,hvr->bthv", c_kv, w_uv)
             q_full = torch.cat([q_nope, q_rope], dim=-1)
+            # SDPA takes either is_causal or a mask; a packed row's mask already holds the causal part.
+            attn_mask = None if mask is None else mask[:, None]
             o = F.scaled_dot_product_attention(q_full.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, scale=self.softmax_scale).transpose(1, 2)
+                                               attn_mask=attn_mask, is_causal=mask is None,
+                                               scale=self.softmax_scale).transpose(1, 2)
         else:
+            # Top-k ran on scores that are -inf outside the query's segment, so the selection (and with it
+            # this attention) already stays inside the segment.
             q_abs, kv = absorbed()
             o_latent, _ = sparse_mla_attention(q_abs, kv, indices, self.softmax_scale, self.kv_lora_rank)
             o = torch.einsum("bthr,hvr->bthv", o_latent, w_uv)
@@ -260,8 +303,8 @@ class Block(nn.Module):
         self.is_moe = layer_id >= config.first_k_dense_replace
         self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, forced_ids, sparse, indexer_loss, query_mask):
-        h, index_loss = self.self_attn(self.input_layernorm(x), cos, sin, sparse, indexer_loss, query_mask)
+    def forward(self, x, cos, sin, forced_ids, sparse, indexer_loss, query_mask, mask=None):
+        h, index_loss = self.self_attn(self.input_layernorm(x), cos, sin, sparse, indexer_loss, query_mask, mask)
         x = x + h
         if self.is_moe:
             h, ids = self.mlp(self.post_attention_layernorm(x), forced_ids)
@@ -311,15 +354,26 @@ class Transformer(nn.Module):
         sparse: bool = True,
         indexer_loss: bool = False,
         query_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """Run the model on right-padded input_ids [B, T].
+        """Run the model on right-padded (or, with segment_ids, packed) input_ids [B, T].
 
         routing: [B, T, moe_layers, top_k] expert ids to force (Keep Routing), or None to route freely.
         sparse: DSA top-k attention (False: dense causal attention, the indexer's warm-up stage).
         indexer_loss: also return the indexer KL (dense target when sparse=False, else restricted to the
         selected sets), averaged over the queries where query_mask [B, T] is 1 and over layers.
+        segment_ids: [B, T] for packed rows: equal along each sample, different between neighbouring samples
+        (e.g. 1 1 1 2 2 0 0: two samples and padding). Each token attends only to earlier tokens of its own
+        segment and, unless `positions` is given, its RoPE position is its index within the segment.
         """
         bsz, seqlen = input_ids.shape
+        mask = None
+        if segment_ids is not None:
+            if segment_ids.shape != input_ids.shape:
+                raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; expected {tuple(input_ids.shape)}")
+            segment_positions, mask = segment_attention(segment_ids)
+            if positions is None:
+                positions = segment_positions
         if positions is None:
             positions = torch.arange(seqlen, device=input_ids.device)[None].expand(bsz, -1)
         freqs = positions.float()[..., None] * self.inv_freq.float()
@@ -337,7 +391,7 @@ class Transformer(nn.Module):
             forced = None
             if block.is_moe and routing is not None:
                 forced = routing[:, :, moe_i]
-            x, ids, index_loss = block(x, cos, sin, forced, sparse, indexer_loss, query_mask)
+            x, ids, index_loss = block(x, cos, sin, forced, sparse, indexer_loss, query_mask, mask)
             if ids is not None:
                 chosen.append(ids)
                 moe_i += 1

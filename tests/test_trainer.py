@@ -92,3 +92,22 @@ def test_nan_loss_skips_the_step(worker):
     after = w.state_dict()
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(after[k], before[k]) for k in after)  # the finite mini-batch still trained
+
+
+def test_packed_sft_step_reports_the_padded_loss(worker):
+    """sft_step with segment_ids (packed rows) trains on the same loss as on right-padded rows. lr=0: the
+    weights do not move between the two calls (AdamW's update and decay both scale with lr)."""
+    from rl.data import pack_sft_sequences, pad_sft_sequences
+
+    w, _ = worker
+    gen = torch.Generator().manual_seed(11)
+    seqs = [torch.randint(3, 54, (n,), generator=gen).tolist() for n in (9, 14, 6, 11, 7)]
+    masks = [[0] * 3 + [1] * (len(s) - 3) for s in seqs]
+    before = {k: v.clone() for k, v in w.state_dict().items()}
+    padded = w.sft_step(*pad_sft_sequences(seqs, masks), lr=0.0)
+    *tensors, segment_ids = pack_sft_sequences(seqs, masks, max_len=24)
+    assert tensors[0].shape[0] < len(seqs)
+    packed = w.sft_step(*tensors, lr=0.0, segment_ids=segment_ids)
+    assert all(torch.equal(v, before[k]) for k, v in w.state_dict().items())
+    assert packed["skipped"] == padded["skipped"] == 0.0
+    assert packed["sft_loss"] == pytest.approx(padded["sft_loss"], rel=1e-5)

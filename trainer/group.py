@@ -65,11 +65,16 @@ class TrainerGroup:
         results = ray.get([w.grpo_step.remote(shard) for w, shard in zip(self.workers, shards, strict=True)])
         return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
-    def sft_step(self, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor, lr: float) -> dict:
+    def sft_step(
+        self, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor, lr: float,
+        segment_ids: torch.Tensor | None = None,
+    ) -> dict:
+        """One SFT step; segment_ids [B, T] when the rows are packed (see TrainerWorker.sft_step)."""
         shards = self._shards(input_ids.shape[0])
         results = ray.get(
             [
-                w.sft_step.remote(input_ids[s], targets[s], loss_mask[s], lr)
+                w.sft_step.remote(input_ids[s], targets[s], loss_mask[s], lr,
+                                  None if segment_ids is None else segment_ids[s])
                 for w, s in zip(self.workers, shards, strict=True)
             ]
         )

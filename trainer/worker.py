@@ -162,12 +162,20 @@ class TrainerWorker:
 
     # ---- SFT ----------------------------------------------------------------------------------------
 
-    def sft_step(self, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor, lr: float) -> dict:
-        """One step of next-token cross-entropy on the masked positions (response tokens only)."""
+    def sft_step(
+        self, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor, lr: float,
+        segment_ids: torch.Tensor | None = None,
+    ) -> dict:
+        """One step of next-token cross-entropy on the masked positions (response tokens only).
+
+        segment_ids: [B, T] for packed rows (`rl.data.pack_sft_sequences`), None for right-padded ones.
+        """
         for group in self.optimizer.param_groups[:1]:
             group["lr"] = lr
         input_ids, targets, loss_mask = (x.to(self.device) for x in (input_ids, targets, loss_mask))
-        out = self.engine(input_ids)
+        if segment_ids is not None:
+            segment_ids = segment_ids.to(self.device)
+        out = self.engine(input_ids, segment_ids=segment_ids)
         logp, _ = token_logprobs(out.hidden, self.model.lm_head.weight, targets, chunk_size=self.grpo["logprob_chunk"])
         loss = -(logp * loss_mask).sum() / loss_mask.sum().clamp(min=1)
         if not self._all_finite(loss):
