@@ -92,20 +92,32 @@ def compare(worker, prompts: list[list[int]], sampling: dict, repeats: int) -> t
     return raw, keel, ratios
 
 
-def weight_update_seconds(worker, checkpoint: str) -> tuple[float, float, int]:
-    """(publish s, load s, parameters) for a full update with the checkpoint's own tensors, perturbed."""
+def weight_update_seconds(worker, checkpoint: str, transport: str = "shm") -> tuple[float, float, int]:
+    """(publish s, load s, parameters) for a full update with the checkpoint's own tensors, perturbed.
+
+    transport "shm": a file in /dev/shm; "object_store": the bytes through Ray's object store (what a worker on
+    another node gets; here on one node, so it measures serialisation, put, get and the worker's local copy).
+    """
     from safetensors.torch import load_file
 
     from rollout.weight_sync import publish_weights, release_weights
 
     tensors = {n: t + 1e-3 for n, t in load_file(os.path.join(checkpoint, "model.safetensors")).items()}
+    blob = transport == "object_store"
     t0 = time.perf_counter()
-    handle = publish_weights(tensors, version=1)
+    handle = publish_weights(tensors, version=1, file=not blob, blob=blob)
     t1 = time.perf_counter()
     worker.update_weights(handle, 1)
     t2 = time.perf_counter()
     release_weights(handle)
     return t1 - t0, t2 - t1, sum(t.numel() for t in tensors.values())
+
+
+def report_updates(name: str, worker, checkpoint: str) -> None:
+    for transport in ("shm", "object_store"):
+        publish_s, load_s, n_params = weight_update_seconds(worker, checkpoint, transport)
+        print(f"weight update, {name} ({n_params / 1e6:.2f}M), {transport:>12}: publish {publish_s:.3f}s, "
+              f"load {load_s:.3f}s")
 
 
 def shutdown(worker) -> None:
@@ -138,8 +150,6 @@ def run(args: argparse.Namespace, root: str) -> None:
 
     worker = RolloutWorker(tiny, ENGINE)
     raw, keel, ratios = compare(worker, prompts, sampling, args.repeats)
-    publish_s, load_s, n_params = weight_update_seconds(worker, tiny)
-    shutdown(worker)
 
     print(f"\ntiny: {args.prompts} prompts x G={args.group}, max_tokens={args.max_tokens}, {sampling=}")
     print(f"raw vLLM generate, same engine {raw:10.0f} tokens/s")
@@ -147,14 +157,19 @@ def run(args: argparse.Namespace, root: str) -> None:
     print(f"keel / raw                     {keel / raw:10.3f}  (overhead {100 * (1 - keel / raw):.1f}%)")
     print(f"  per pair: median {statistics.median(ratios):.3f}, range {min(ratios):.3f}-{max(ratios):.3f} "
           f"over {len(ratios)} pairs")
-    print(f"weight update, tiny ({n_params / 1e6:.2f}M): publish {publish_s:.3f}s, load {load_s:.3f}s")
+    import ray
 
-    if not args.skip_small:
-        small = write_checkpoint("small", os.path.join(root, "small"))
-        worker = RolloutWorker(small, ENGINE)
-        publish_s, load_s, n_params = weight_update_seconds(worker, small)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)  # the object store, for that transport
+    try:
+        report_updates("tiny", worker, tiny)
         shutdown(worker)
-        print(f"weight update, small ({n_params / 1e6:.0f}M): publish {publish_s:.3f}s, load {load_s:.3f}s")
+        if not args.skip_small:
+            small = write_checkpoint("small", os.path.join(root, "small"))
+            worker = RolloutWorker(small, ENGINE)
+            report_updates("small", worker, small)
+            shutdown(worker)
+    finally:
+        ray.shutdown()
 
 
 if __name__ == "__main__":
