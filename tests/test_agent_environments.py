@@ -238,3 +238,6 @@ def test_search_oracle_solves_many_worlds(difficulty):
     for kind, seed in environment_specs("search", 300, seed=difficulty):
         env = make_environment(kind, seed, difficulty)
         assert env.verify(solve(env)[-1].content) == 1.0, env.task
+        if difficulty > 1:  # no document names both the question's organisation and the answer
+            org = next(o for o in env.founder if f" {o} " in f" {env.question} ")
+            assert not [d for d in env.documents if {org, env.answer} <= set(d.rstrip(".").split())], env.task

@@ -5,9 +5,12 @@ one short fact per document ("zorb was founded by kelm.", "kelm was born in 1923
 in the city of vask.", "vask lies in the land of tor.", "zorb is based in vask."). The question
 chains `difficulty` facts (1 to 3: "in which city is zorb based?", "in which land is zorb
 based?", "in which land was the founder of zorb born?"), so from difficulty 2 no single search
-answers it; the one tool, `search`, returns the three documents sharing the most words with the
-query (the single best one at difficulty 1). The answer is a name or a year; verify compares it
-exactly after normalisation. Difficulty 1 also has a smaller world.
+answers it. The one tool, `search`, returns the documents sharing the most words with the query.
+The answer is a name; verify compares it exactly after normalisation.
+
+Difficulties 1 and 2 are sized for a tiny CPU model: a small world of 4-letter names and only the
+single best document per search, so every fact sits at the same offset in a result. Difficulty 3 has
+the full world, names of any length and three documents per search.
 """
 
 from __future__ import annotations
@@ -49,9 +52,9 @@ class SearchEnv(Environment):
         check_difficulty("search", difficulty)
         rng = random.Random(seed)
         taken = set(STOP_WORDS)  # a name the search tool ignores could never be found
-        small = difficulty == 1
-        # Difficulty 1 is what the tiny CPU model can learn to read in minutes: a small world of 4-letter
-        # names, so every fact sits at the same offset in a search result (with two-digit doc numbers).
+        small = difficulty <= 2
+        # What the tiny CPU model can learn to read in minutes: a small world of 4-letter names, one result per
+        # search, so every fact sits at the same offset in a search result (with two-digit doc numbers).
         length = NAME_LENGTH_EASY if small else None
         people = make_names(rng, rng.randint(4, 6) if small else rng.randint(8, 12), taken, length)
         orgs = make_names(rng, rng.randint(3, 5) if small else rng.randint(6, 9), taken, length)
@@ -75,8 +78,11 @@ class SearchEnv(Environment):
         questions = {  # by the number of facts they chain
             1: [(f"in which city is {org} based?", self.based_in[org]),
                 (f"who founded {org}?", person)],
-            2: [(f"in what year was the founder of {org} born?", str(self.born_year[person])),
-                (f"in which city was the founder of {org} born?", self.born_city[person]),
+            # No "in what year was the founder born?": with one result its query ties with the birthplace fact.
+            # The founder's birthplace is asked only when it is not also where the organisation is based (then
+            # "zorb is based in vask." would answer it in one hop).
+            2: [*([] if self.born_city[person] == self.based_in[org] else
+                  [(f"in which city was the founder of {org} born?", self.born_city[person])]),
                 (f"in which land is {org} based?", self.land_of[self.based_in[org]])],
             3: [(f"in which land was the founder of {org} born?", self.land_of[self.born_city[person]])],
         }
@@ -95,7 +101,7 @@ class SearchEnv(Environment):
         wanted = _words(query)
         scored = [(len(wanted & _words(doc)), FIRST_DOC + i, doc) for i, doc in enumerate(self.documents)]
         ranked = sorted((-score, number, doc) for score, number, doc in scored if score > 0)
-        hits = ranked[:1 if self.difficulty == 1 else RESULTS_PER_SEARCH]
+        hits = ranked[:1 if self.difficulty <= 2 else RESULTS_PER_SEARCH]
         if not hits:
             return "no documents match that query."
         return " ".join(f"doc {number}: {doc}" for _, number, doc in hits)
