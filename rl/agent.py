@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from rl.data import pad_sft_sequences
+from rollout.agent.context import make_room
 from rollout.agent.environments import Environment, environment_specs, make_environment
 from rollout.agent.environments.oracles import solve
 from rollout.agent.loop import encode_text, run_episodes
@@ -29,12 +30,13 @@ from rollout.agent.template import get_template
 
 
 def demonstration(messages: list[Message], template: Any, tokenizer: Any,
-                  tools: list[dict]) -> tuple[list[int], list[int]]:
+                  tools: list[dict], train_from: int = 0) -> tuple[list[int], list[int]]:
     """(token ids, loss mask) of a whole conversation: mask 1 on the assistant turns' own tokens.
 
     Tokenised the way the rollout loop sees an episode: the first generation prompt with BOS, then
     each assistant turn and each stretch of text between turns on its own, so the supervised
-    tokens are exactly those the model would generate.
+    tokens are exactly those the model would generate. Assistant turns before message `train_from`
+    are context (mask 0), as a kept turn is after a context cut.
     """
     ids: list[int] = []
     mask: list[int] = []
@@ -50,9 +52,19 @@ def demonstration(messages: list[Message], template: Any, tokenizer: Any,
                    else encode_text(tokenizer, prompt[len(text):]))
         generated = encode_text(tokenizer, turn[len(prompt):])
         ids += context + generated
-        mask += [0] * len(context) + [1] * len(generated)
+        mask += [0] * len(context) + [int(i >= train_from)] * len(generated)
         text = turn
     return ids, mask
+
+
+def cut_demonstration(messages: list[Message], strategy: str) -> list[Message] | None:
+    """The conversation with its tool history cut by a discard `strategy` right before the final assistant
+    turn (what the loop's `make_room` leaves when the answer turn does not fit), or None when nothing is cut."""
+    if strategy not in ("discard_75", "discard_all"):
+        raise ValueError(f"agent.sft_cut_demos needs agent.eval_context_strategy discard_75 or discard_all, "
+                         f"got {strategy!r}")
+    context, record = make_room(messages[:-1], strategy)
+    return [*context, messages[-1]] if record["applied"] else None
 
 
 class AgentTask:
@@ -72,16 +84,24 @@ class AgentTask:
         return [*system, Message("user", env.task)]
 
     def sft_tensors(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input_ids, targets, loss_mask) of the oracle's episodes on the given training environments."""
+        """(input_ids, targets, loss_mask) of the oracle's episodes on the given training environments
+        (and, with agent.sft_cut_demos, of their final turns after a context cut)."""
         seqs, masks = [], []
         for i in indices:
             env = self.environment(self.train_specs[i])
-            ids, mask = demonstration([*self._messages(env), *solve(env)], self.template, self.tokenizer, env.tools)
+            messages = [*self._messages(env), *solve(env)]
+            ids, mask = demonstration(messages, self.template, self.tokenizer, env.tools)
             if len(ids) > self.agent.max_total_tokens:
                 raise ValueError(f"an oracle episode of {len(ids)} tokens exceeds agent.max_total_tokens="
                                  f"{self.agent.max_total_tokens}; raise it or lower agent.difficulty")
             seqs.append(ids)
             masks.append(mask)
+            if self.agent.sft_cut_demos:
+                cut = cut_demonstration(messages, self.agent.eval_context_strategy)
+                if cut is not None:
+                    ids, mask = demonstration(cut, self.template, self.tokenizer, env.tools, train_from=len(cut) - 1)
+                    seqs.append(ids)
+                    masks.append(mask)
         return pad_sft_sequences(seqs, masks)
 
     def _play(self, client: Any, specs: list[tuple[str, int]], copies: int, sampling: dict, strategy: str,

@@ -222,6 +222,9 @@ def _agent_problems(cfg: DictConfig) -> list[str]:
     for key in ("context_strategy", "eval_context_strategy"):
         if a[key] not in STRATEGIES:
             problems.append(f"agent.{key}={a[key]!r}: choose one of {list(STRATEGIES)}")
+    if a.sft_cut_demos and a.eval_context_strategy not in ("discard_75", "discard_all"):
+        problems.append(f"agent.sft_cut_demos needs agent.eval_context_strategy discard_75 or discard_all, got "
+                        f"{a.eval_context_strategy!r}")
     if a.max_turns < 1:
         problems.append("agent.max_turns must be >= 1")
     if a.max_total_tokens > cfg.rollout.engine.max_model_len:

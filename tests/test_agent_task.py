@@ -75,3 +75,24 @@ def test_train_and_eval_environments_differ():
     task = AgentTask(load_config(AGENT), CharTokenizer())
     assert len(task.train_specs) == 4000 and len(task.eval_specs) == 64
     assert not set(task.train_specs) & set(task.eval_specs)
+
+
+def test_cut_demonstrations_train_the_answer_after_the_cut_the_loop_makes():
+    cfg = load_config(AGENT, ["agent.train_size=8", "agent.difficulty=2", "agent.sft_cut_demos=true"])
+    task = AgentTask(cfg, CharTokenizer())
+    template, tokenizer = task.template, task.tokenizer
+    input_ids, targets, mask = task.sft_tensors([0])
+    assert input_ids.shape[0] == 2  # the whole episode, then its answer turn after discard_75
+    env = task.environment(task.train_specs[0])
+    conversation = [*task._messages(env), *solve(env)]
+    # Two search rounds: discard_75 drops the first (the call and its result) and keeps the second.
+    assert [m.role for m in conversation] == ["user", "assistant", "tool", "assistant", "tool", "assistant"]
+    cut = [conversation[0], *conversation[3:]]
+    prompt = template.render(cut[:-1], tools=env.tools)
+    text = template.render(cut, add_generation_prompt=False, tools=env.tools)
+    trained = tokenizer.decode([t for t, m in zip(targets[1].tolist(), mask[1].tolist(), strict=True) if m])
+    assert trained == text[len(prompt):]  # only the answer turn: the kept round is context
+    n = int(mask[1].nonzero().max()) + 2  # the row's token count before padding
+    assert tokenizer.decode(input_ids[1, : n - 1].tolist() + [int(targets[1, n - 2])]) == text
+    with pytest.raises(ConfigError, match="sft_cut_demos needs"):
+        load_config(AGENT, ["agent.sft_cut_demos=true", "agent.eval_context_strategy=summary"])
