@@ -300,7 +300,8 @@ def test_rows_are_whole_episodes_with_aligned_masks(episodes):
                 assert all(kept == [] for kept in row["sampling_mask"][begin:end])
             elif end < len(response):  # every turn but the last called a tool and closed with |
                 assert text.endswith(">|"), text
-        assert row["finish_reason"] in (STOP, MAX_TURNS, TRUNCATED, PARSE_ERROR)
+        # CONTEXT: a sampled episode of the tiny model can outgrow the 200-token budget (no strategy: it ends).
+        assert row["finish_reason"] in (STOP, MAX_TURNS, TRUNCATED, PARSE_ERROR, CONTEXT)
         assert row["reward"] in (0.0, 1.0) and (row["reward_reason"] == "") == (row["finish_reason"] == STOP)
     assert metrics["agent/turns"] == pytest.approx(np.mean([r["turns"] for r in rows]))
     assert metrics["agent/tool_calls"] == pytest.approx(np.mean([r["tool_calls"] for r in rows]))
@@ -323,8 +324,11 @@ def test_tool_results_are_in_the_stream_verbatim(episodes):
                 expected = "".join(f"t:{env.call(c.name, c.arguments)}|" for c in calls)
                 assert results == expected
                 replayed += len(calls)
-        assert row["tool_calls"] == env.tool_calls
-    assert replayed == sum(batch.column("tool_calls").to_pylist()) > 0
+        if row["finish_reason"] == CONTEXT:  # the last calls ran, but their results did not fit in the stream
+            assert env.tool_calls <= row["tool_calls"]
+        else:
+            assert row["tool_calls"] == env.tool_calls
+    assert replayed > 0
 
 
 @pytest.mark.slow

@@ -96,7 +96,9 @@ def test_nan_loss_skips_the_step(worker):
 
 def test_packed_sft_step_reports_the_padded_loss(worker):
     """sft_step with segment_ids (packed rows) trains on the same loss as on right-padded rows. lr=0: the
-    weights do not move between the two calls (AdamW's update and decay both scale with lr)."""
+    backbone does not move between the two calls (AdamW's update and decay both scale with lr). The indexer's
+    own param group keeps its lr and the momentum of the GRPO steps before, but these rows are shorter than
+    index_topk, so it is not in the forward."""
     from rl.data import pack_sft_sequences, pad_sft_sequences
 
     w, _ = worker
@@ -108,6 +110,6 @@ def test_packed_sft_step_reports_the_padded_loss(worker):
     *tensors, segment_ids = pack_sft_sequences(seqs, masks, max_len=24)
     assert tensors[0].shape[0] < len(seqs)
     packed = w.sft_step(*tensors, lr=0.0, segment_ids=segment_ids)
-    assert all(torch.equal(v, before[k]) for k, v in w.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in w.state_dict().items() if ".indexer." not in k)
     assert packed["skipped"] == padded["skipped"] == 0.0
     assert packed["sft_loss"] == pytest.approx(padded["sft_loss"], rel=1e-5)
