@@ -120,14 +120,15 @@ def remove_stale_views(root: str) -> list[str]:
     removed = []
     for entry in Path(root).glob(f"{_VIEW_PREFIX}*"):
         m = _VIEW_NAME.match(entry.name)
-        if m is None or m.group(2) != _host() or _alive(int(m.group(1))):
+        if m is None or m.group(2) != _host() or process_alive(int(m.group(1))):
             continue  # not ours to judge: another host's, or an old-style name, or still in use
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(str(entry))
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (leftover files name their owner's pid)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

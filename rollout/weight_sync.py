@@ -39,6 +39,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
+from rollout.serving import process_alive
+
 _SHM = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 TRANSPORTS = ("auto", "shm", "object_store")
@@ -178,21 +180,11 @@ def remove_stale_copies(folder: str) -> list[str]:
     host = socket.gethostname()
     for entry in Path(folder).glob(f"{RECEIVED_PREFIX}{host}-*"):
         pid = entry.name[len(RECEIVED_PREFIX) + len(host) + 1 :].split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or process_alive(int(pid)):
             continue
         entry.unlink(missing_ok=True)
         removed.append(str(entry))
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def checkpoint_shapes(checkpoint_dir: str) -> dict[str, tuple[int, ...]]:
