@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_model import randomized_model  # tests/ is on sys.path (pytest's rootdir-relative import)
 from transformers import DeepseekV32Config
 
-from rl.checkpoint import build_model
 from rl.data import pack_sft_sequences, pad_sft_sequences
 from rl.distill import pack_row_length
 from rl.logprobs import token_logprobs
@@ -29,18 +29,7 @@ def tiny_model(seed: int = 0) -> Transformer:
     The selections would then be equally valid but not equal; with 16 heads exact ties do not occur here.
     """
     fields = preset("tiny", index_topk=INDEX_TOPK, index_n_heads=16, initializer_range=0.15)
-    config = DeepseekV32Config(**fields)
-    model = build_model(config, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
-        for module in model.modules():
-            if hasattr(module, "e_score_correction_bias"):
-                module.e_score_correction_bias.copy_(0.1 * torch.randn(module.e_score_correction_bias.shape,
-                                                                       generator=gen))
-    return model
+    return randomized_model(DeepseekV32Config(**fields), seed=seed)
 
 
 def samples(lengths=LENGTHS, seed: int = 3) -> tuple[list[list[int]], list[list[int]]]:
