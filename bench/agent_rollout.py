@@ -28,9 +28,9 @@ def fresh_checkpoint(directory: str) -> str:
     """A random tiny model with keel's tokenizer (episodes end at the first turn: mechanics only)."""
     from transformers import DeepseekV32Config
 
-    from rl.checkpoint import build_model, save_checkpoint
-    from rl.presets import preset
-    from rl.tokenizer import CharTokenizer
+    from rl.model.checkpoint import build_model, save_checkpoint
+    from rl.model.presets import preset
+    from rl.model.tokenizer import CharTokenizer
 
     model = build_model(DeepseekV32Config(**preset("tiny", index_topk=512, max_position_embeddings=512)), seed=0)
     save_checkpoint(model, directory, tokenizer=CharTokenizer())
@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--json", default="", help="also write the figures to this file")
     args = p.parse_args()
 
-    from rl.tokenizer import CharTokenizer
+    from rl.model.tokenizer import CharTokenizer
     from rollout.agent.environments import generate_environments
     from rollout.agent.loop import run_episodes, stop_token_ids
     from rollout.agent.messages import Message

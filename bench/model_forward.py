@@ -18,8 +18,8 @@ import time
 import torch
 from transformers import DeepseekV32Config
 
-from rl.model import Transformer, init_weights
-from rl.presets import preset
+from rl.model.presets import preset
+from rl.model.transformer import Transformer, init_weights
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ ENGINE = dict(max_model_len=64, kv_cache_space_gib=1, gpu_memory_utilization=0.0
 def write_checkpoint(preset_name: str, directory: str) -> str:
     from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
 
-    from rl.presets import preset
+    from rl.model.presets import preset
 
     torch.manual_seed(0)
     DeepseekV32ForCausalLM(DeepseekV32Config(**preset(preset_name))).save_pretrained(directory)

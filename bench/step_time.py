@@ -16,9 +16,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from rl.config import load_config
-from rl.driver import train
-from rl.metrics import read_metrics
+from rl.loop.config import load_config
+from rl.loop.driver import train
+from rl.loop.metrics import read_metrics
 
 PHASES = ("time/rollout", "time/reward", "time/ref", "time/update", "time/sync", "time/step")
 

@@ -23,8 +23,8 @@ EPILOG = textwrap.dedent(
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from rl.config import load_config
-    from rl.driver import train
+    from rl.loop.config import load_config
+    from rl.loop.driver import train
 
     if args.resume and (args.config or args.overrides):
         raise SystemExit("keel train --resume RUN_DIR uses the run's own config.yaml; drop CONFIG and overrides")
@@ -38,14 +38,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_show_config(args: argparse.Namespace) -> int:
-    from rl.config import load_config, to_yaml
+    from rl.loop.config import load_config, to_yaml
 
     print(to_yaml(load_config(args.config, args.overrides)))
     return 0
 
 
 def _cmd_warmup_indexer(args: argparse.Namespace) -> int:
-    from rl.warmup_indexer import load_warmup_config, warmup_indexer
+    from rl.recipes.warmup_indexer import load_warmup_config, warmup_indexer
 
     if args.resume and (args.config or args.overrides or args.checkpoint):
         raise SystemExit("keel warmup-indexer --resume RUN_DIR uses the run's own config.yaml; drop CONFIG, "
@@ -63,8 +63,8 @@ def _cmd_warmup_indexer(args: argparse.Namespace) -> int:
 def _cmd_eval_agent(args: argparse.Namespace) -> int:
     import json
 
-    from rl.agent import evaluate_context_strategies
-    from rl.config import load_config
+    from rl.loop.config import load_config
+    from rl.recipes.eval_agent import evaluate_context_strategies
     from rollout.agent.context import STRATEGIES
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -101,7 +101,7 @@ def _split_config(args: argparse.Namespace) -> None:
 
 
 def _cmd_specialists(args: argparse.Namespace) -> int:
-    from rl.specialists import load_specialists_config, run_specialists
+    from rl.recipes.specialists import load_specialists_config, run_specialists
 
     _split_config(args)
     if args.resume and (args.config or args.overrides):
@@ -116,7 +116,7 @@ def _cmd_specialists(args: argparse.Namespace) -> int:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from rl.distill import distill, load_distill_config
+    from rl.recipes.distill import distill, load_distill_config
 
     _split_config(args)
     if args.resume and (args.config or args.overrides):
@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from rl.checkpoint import CheckpointError
-    from rl.config import ConfigError
+    from rl.loop.config import ConfigError
+    from rl.model.checkpoint import CheckpointError
 
     try:
         return args.func(args)

@@ -23,7 +23,8 @@ import ray
 import torch
 
 from rollout import serving, weight_sync
-from rollout.worker import ENGINE_DEFAULTS, RolloutWorker, check_sampling
+from rollout.config import EngineConfig
+from rollout.worker import RolloutWorker, check_sampling
 
 
 class RolloutClient:
@@ -31,7 +32,7 @@ class RolloutClient:
         self,
         checkpoint_dir: str,
         num_workers: int,
-        engine: dict,
+        engine: EngineConfig | dict,
         ray_options: dict | None = None,
         max_restarts: int = 3,
     ) -> None:
@@ -40,17 +41,17 @@ class RolloutClient:
         cuda = serving.on_cuda()
         self.facts = serving.model_facts(checkpoint_dir)
         self.expected_weights = weight_sync.checkpoint_shapes(checkpoint_dir)
-        self.engine = {**ENGINE_DEFAULTS, **engine}
-        self.weight_transport = self.engine["weight_transport"]
+        self.engine = EngineConfig.of(engine)
+        self.weight_transport = self.engine.weight_transport
         if self.weight_transport not in weight_sync.TRANSPORTS:
             raise ValueError(
                 f"engine.weight_transport must be one of {weight_sync.TRANSPORTS}, got {self.weight_transport!r}"
             )
         # vLLM sizes its own CPU threads, so on CPU an actor reserves no Ray CPU slot.
-        default = {"num_gpus": self.engine["tensor_parallel_size"]} if cuda else {"num_cpus": 0}
+        default = {"num_gpus": self.engine.tensor_parallel_size} if cuda else {"num_cpus": 0}
         options = {**default, **(ray_options or {}), "max_restarts": max_restarts, "max_task_retries": 0}
         actor = ray.remote(RolloutWorker).options(**options)
-        self.workers = [actor.remote(checkpoint_dir, engine) for _ in range(num_workers)]
+        self.workers = [actor.remote(checkpoint_dir, self.engine) for _ in range(num_workers)]
         self.cuda = cuda
         self.version = 0
         self.handle: weight_sync.WeightHandle | None = None  # latest published weights (CPU)
@@ -61,9 +62,9 @@ class RolloutClient:
 
     def generate(self, prompts: list[list[int]], sampling: dict, policy_version: int) -> pa.RecordBatch:
         """G = sampling["n"] rows per prompt, in prompt order; prompt_index = position in `prompts`."""
-        s = check_sampling(sampling, self.facts.vocab_size, self.engine["max_logprobs"], kept_from_engine=not self.cuda)
+        s = check_sampling(sampling, self.facts.vocab_size, self.engine.max_logprobs, kept_from_engine=not self.cuda)
         for p in prompts:
-            serving.check_request(p, s["max_tokens"], self.facts, self.engine["max_model_len"], self.cuda)
+            serving.check_request(p, s["max_tokens"], self.facts, self.engine.max_model_len, self.cuda)
         shares = [a.tolist() for a in np.array_split(np.arange(len(prompts)), len(self.workers)) if len(a)]
         calls = [
             (i, "generate", ([prompts[j] for j in idx], idx, sampling, policy_version))

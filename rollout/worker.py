@@ -26,23 +26,9 @@ import os
 import numpy as np
 import pyarrow as pa
 
-from rl.batch import make_rollout_batch, rollout_schema, routing_dtype
+from rl.algo.batch import make_rollout_batch, rollout_schema, routing_dtype
 from rollout import sampling_mask, serving, weight_sync
-
-ENGINE_DEFAULTS = dict(
-    dtype="float32",
-    max_model_len=512,
-    gpu_memory_utilization=0.1,
-    kv_cache_space_gib=1,
-    seed=0,
-    tensor_parallel_size=1,
-    enforce_eager=True,
-    max_logprobs=256,
-    max_num_seqs=256,
-    # How RolloutClient.update_weights ships weights on CPU (read by the client, not the engine):
-    # "auto" | "shm" | "object_store"; see `rollout.weight_sync`.
-    weight_transport="auto",
-)
+from rollout.config import EngineConfig
 
 SAMPLING_DEFAULTS = dict(
     n=1, temperature=1.0, top_k=0, top_p=1.0, max_tokens=16, stop_token_ids=(), logprobs_candidates=None
@@ -50,16 +36,13 @@ SAMPLING_DEFAULTS = dict(
 
 
 class RolloutWorker:
-    def __init__(self, checkpoint_dir: str, engine: dict) -> None:
-        unknown = set(engine) - set(ENGINE_DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown engine settings {sorted(unknown)}; known: {sorted(ENGINE_DEFAULTS)}")
-        cfg = {**ENGINE_DEFAULTS, **engine}
+    def __init__(self, checkpoint_dir: str, engine: EngineConfig | dict) -> None:
+        cfg = EngineConfig.of(engine)
         self.cuda = serving.on_cuda()
         self.checkpoint_dir = checkpoint_dir
         self.facts = serving.model_facts(checkpoint_dir)
-        self.max_model_len = cfg["max_model_len"]
-        self.max_logprobs = cfg["max_logprobs"]
+        self.max_model_len = cfg.max_model_len
+        self.max_logprobs = cfg.max_logprobs
         # The trainer sends every checkpoint tensor, indexer included (the CPU engine skips those).
         self.expected_weights = weight_sync.checkpoint_shapes(checkpoint_dir)
         self.schema = rollout_schema(self.facts.moe_layers, self.facts.top_k, self.facts.n_routed_experts)
@@ -69,7 +52,7 @@ class RolloutWorker:
         self.capture_kept = not self.cuda
 
         # Read by vLLM when the engine starts, in this process and the ones it spawns.
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg["kv_cache_space_gib"])
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_space_gib)
         from vllm import LLM
 
         extra = {}
@@ -86,14 +69,14 @@ class RolloutWorker:
         self.llm = LLM(
             self.serving.path,
             skip_tokenizer_init=True,
-            dtype=cfg["dtype"],
-            max_model_len=cfg["max_model_len"],
-            gpu_memory_utilization=cfg["gpu_memory_utilization"],
-            seed=cfg["seed"],
-            tensor_parallel_size=cfg["tensor_parallel_size"],
-            enforce_eager=cfg["enforce_eager"],
-            max_logprobs=cfg["max_logprobs"],
-            max_num_seqs=cfg["max_num_seqs"],
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            seed=cfg.seed,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            enforce_eager=cfg.enforce_eager,
+            max_logprobs=cfg.max_logprobs,
+            max_num_seqs=cfg.max_num_seqs,
             logprobs_mode="processed_logprobs",
             **extra,
         )

@@ -7,7 +7,7 @@ import re
 import pyarrow as pa
 import pytest
 
-from rl.tokenizer import CharTokenizer
+from rl.model.tokenizer import CharTokenizer
 from rollout.agent.context import SUMMARY_PREFIX, context_metrics, make_room, split_history, summary_input
 from rollout.agent.deepseek_v32 import EOS
 from rollout.agent.environments.base import PLAIN_CHARS

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from rl.tokenizer import CharTokenizer
+from rl.model.tokenizer import CharTokenizer
 from rollout.agent.environments import (
     ENVIRONMENTS,
     environment_specs,

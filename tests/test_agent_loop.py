@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from rl.tokenizer import CharTokenizer
+from rl.model.tokenizer import CharTokenizer
 from rollout.agent.environments.base import Environment, ToolError, final_answer_text, make_names, tool_schema
 from rollout.agent.loop import (
     CONTEXT,
@@ -214,8 +214,8 @@ def checkpoint(tmp_path_factory) -> str:
     import torch.nn.functional as F
     from transformers import DeepseekV32Config
 
-    from rl.checkpoint import build_model, save_checkpoint
-    from rl.presets import preset
+    from rl.model.checkpoint import build_model, save_checkpoint
+    from rl.model.presets import preset
 
     model = build_model(DeepseekV32Config(**preset("tiny", index_topk=MAX_MODEL_LEN, initializer_range=0.1)), 0)
     with torch.no_grad():  # decisive routers: fp rounding must not be what decides a tie
@@ -251,7 +251,7 @@ def worker(checkpoint):
 
 @pytest.fixture(scope="module")
 def keel_model(checkpoint):
-    from rl.checkpoint import load_model
+    from rl.model.checkpoint import load_model
 
     return load_model(checkpoint).eval()
 
@@ -335,8 +335,8 @@ def test_tool_results_are_in_the_stream_verbatim(episodes):
 def test_routing_and_logprobs_match_keels_model_on_the_whole_stream(episodes, keel_model):
     """The stitched routing equals what keel's model routes for the final sequence (every token), and
     the engine's log-probs of generated tokens equal keel's, renormalised over the recorded kept sets."""
-    from rl.batch import routing_of
-    from rl.logprobs import token_logprobs
+    from rl.algo.batch import routing_of
+    from rl.algo.logprobs import token_logprobs
 
     batch, _ = episodes
     worst, compared = 0.0, 0

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from rl.agent import AgentTask, demonstration
-from rl.config import ConfigError, load_config
-from rl.tokenizer import CharTokenizer
+from rl.loop.agent_task import AgentTask, demonstration
+from rl.loop.config import ConfigError, load_config
+from rl.model.tokenizer import CharTokenizer
 from rollout.agent.environments import make_environment
 from rollout.agent.environments.oracles import solve
 from rollout.agent.messages import Message

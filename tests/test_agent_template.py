@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from rl.tokenizer import DEFAULT_CHARS, CharTokenizer
+from rl.model.tokenizer import DEFAULT_CHARS, CharTokenizer
 from rollout.agent.deepseek_v32 import BOS, DSML, EOS
 from rollout.agent.messages import Message, ParsedTurn, ToolCall, drop_stale_reasoning
 from rollout.agent.template import CompactTemplate, DeepSeekV32Template, get_template

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from rl.batch import make_rollout_batch, rollout_schema, routing_dtype, routing_of, with_columns
+from rl.algo.batch import make_rollout_batch, rollout_schema, routing_dtype, routing_of, with_columns
 from trainer.batching import to_train_tensors
 
 

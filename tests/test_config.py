@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from rl.cli import main
-from rl.config import ConfigError, load_config
+from rl.loop.config import ConfigError, load_config
 
 QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from rl.config import load_config
-from rl.driver import train
-from rl.metrics import read_metrics
-from rl.tokenizer import CharTokenizer
+from rl.loop.config import load_config
+from rl.loop.driver import train
+from rl.loop.metrics import read_metrics
+from rl.model.tokenizer import CharTokenizer
 
 pytestmark = pytest.mark.slow
 AGENT = Path(__file__).parent.parent / "configs" / "agent.yaml"
@@ -84,7 +84,7 @@ def test_dumped_episodes_mask_tool_results(agent_run):
 
 def test_eval_agent_compares_context_strategies(agent_run):
     """`keel eval-agent`'s table on the trained checkpoint, with a budget too small for whole episodes."""
-    from rl.agent import evaluate_context_strategies
+    from rl.recipes.eval_agent import evaluate_context_strategies
 
     cfg = load_config(AGENT, OVERRIDES + ["agent.max_total_tokens=190", "agent.max_turns=4"])
     table = evaluate_context_strategies(cfg, str(agent_run / "checkpoints" / "step_2" / "model"),

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from rl.config import load_config
-from rl.driver import train
-from rl.metrics import read_metrics
+from rl.loop.config import load_config
+from rl.loop.driver import train
+from rl.loop.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.yaml"

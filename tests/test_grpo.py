@@ -1,4 +1,4 @@
-"""Tests for rl/grpo.py: hand-computed cases, a Monte-Carlo check of the unbiased KL, and grpo_loss
+"""Tests for rl/algo/grpo.py: hand-computed cases, a Monte-Carlo check of the unbiased KL, and grpo_loss
 against a direct loop over the DESIGN.md formula."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rl.grpo import (
+from rl.algo.grpo import (
     clipped_surrogate,
     group_advantages,
     grpo_loss,

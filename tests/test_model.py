@@ -9,10 +9,10 @@ import torch
 from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
 
 from kernels import topk_indices
-from rl.checkpoint import CheckpointError, build_model, load_config, load_model, save_checkpoint
-from rl.logprobs import apply_sampling_mask, token_logprobs
-from rl.model import Indexer, Transformer
-from rl.presets import preset
+from rl.algo.logprobs import apply_sampling_mask, token_logprobs
+from rl.model.checkpoint import CheckpointError, build_model, load_config, load_model, save_checkpoint
+from rl.model.presets import preset
+from rl.model.transformer import Indexer, Transformer
 
 
 def oracle_config(**overrides) -> DeepseekV32Config:
@@ -209,7 +209,7 @@ def test_checkpoint_roundtrip_and_sharding(tmp_path):
 def test_fp8_block_checkpoint_dequantizes(tmp_path):
     from safetensors.torch import save_file
 
-    from rl.checkpoint import dequantize_fp8_blocks
+    from rl.model.checkpoint import dequantize_fp8_blocks
 
     def quantize(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
         rows, cols = -(-w.shape[0] // block), -(-w.shape[1] // block)

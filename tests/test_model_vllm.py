@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import DeepseekV32Config
 
-from rl.checkpoint import build_model, load_model, save_checkpoint
-from rl.logprobs import token_logprobs
-from rl.presets import preset
-from rl.tokenizer import CharTokenizer
+from rl.algo.logprobs import token_logprobs
+from rl.model.checkpoint import build_model, load_model, save_checkpoint
+from rl.model.presets import preset
+from rl.model.tokenizer import CharTokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -29,7 +29,7 @@ PROBE = textwrap.dedent(
     assert not is_kernels_available()
     import torch
     from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
-    from rl.presets import preset
+    from rl.model.presets import preset
     model = DeepseekV32ForCausalLM(DeepseekV32Config(**preset("tiny")))
     assert torch.isfinite(model(torch.tensor([[1, 5, 6]])).logits).all()
 

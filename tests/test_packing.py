@@ -11,11 +11,11 @@ import torch
 from test_model import randomized_model  # tests/ is on sys.path (pytest's rootdir-relative import)
 from transformers import DeepseekV32Config
 
-from rl.data import pack_sft_sequences, pad_sft_sequences
-from rl.distill import pack_row_length
-from rl.logprobs import token_logprobs
-from rl.model import Transformer, segment_attention
-from rl.presets import preset
+from rl.algo.logprobs import token_logprobs
+from rl.loop.data import pack_sft_sequences, pad_sft_sequences
+from rl.model.presets import preset
+from rl.model.transformer import Transformer, segment_attention
+from rl.recipes.distill import pack_row_length
 
 INDEX_TOPK = 8
 LENGTHS = [14, 21, 10, 17, 12]  # tokens per sample; every sample is longer than index_topk, so top-k selects

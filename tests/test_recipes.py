@@ -14,9 +14,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from rl.config import ConfigError
-from rl.distill import DATASET_COLUMNS, keep_responses, kept_gain, kept_gain_columns, load_distill_config
-from rl.specialists import (
+from rl.loop.config import ConfigError
+from rl.recipes.distill import DATASET_COLUMNS, keep_responses, kept_gain, kept_gain_columns, load_distill_config
+from rl.recipes.specialists import (
     concurrent_slots,
     domain_config,
     load_specialists_config,
@@ -124,7 +124,7 @@ def test_rerun_skips_finished_specialists_and_resumes_the_interrupted_one(tmp_pa
     state = {"base": "b", "specialists": {"math": {"run_dir": str(finished)}, "sort": {"run_dir": str(interrupted)}}}
     write_state(recipe_dir, state)
     calls = []
-    monkeypatch.setattr("rl.driver.train", lambda cfg, resume=None: calls.append((cfg, resume)))
+    monkeypatch.setattr("rl.loop.driver.train", lambda cfg, resume=None: calls.append((cfg, resume)))
     cfgs = {d.name: domain_config(recipe, d, tmp_path / "c", []) for d in recipe.domains if d.enabled}
     train_sequentially(recipe_dir, state, cfgs)
     assert calls == [(None, str(interrupted))]  # math not retrained; sort resumed in its own run directory
@@ -156,7 +156,7 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def specialists_dir(ray_local, tmp_path_factory):
-    from rl.specialists import run_specialists
+    from rl.recipes.specialists import run_specialists
 
     out = tmp_path_factory.mktemp("recipes")
     recipe = load_specialists_config(CONFIGS / "specialists.yaml", SPECIALISTS_OVERRIDES + [f"run.output_dir={out}"])
@@ -173,7 +173,7 @@ def test_each_specialist_beats_the_base_on_its_own_domain(specialists_dir):
 
 @pytest.mark.slow
 def test_rerun_does_not_retrain_finished_specialists(specialists_dir):
-    from rl.specialists import run_specialists
+    from rl.recipes.specialists import run_specialists
 
     summary = json.loads((specialists_dir / "summary.json").read_text())
     metrics = {n: (Path(d) / "metrics.jsonl").read_text() for n, d in summary["runs"].items()}
@@ -188,7 +188,7 @@ def test_rerun_does_not_retrain_finished_specialists(specialists_dir):
 
 @pytest.mark.slow
 def test_distill_interrupted_and_resumed(specialists_dir, tmp_path):
-    from rl.distill import distill
+    from rl.recipes.distill import distill
 
     overrides = [f"specialists={specialists_dir}", f"run.output_dir={tmp_path}"]
     cfg = load_distill_config(CONFIGS / "distill.yaml", overrides)

@@ -28,7 +28,7 @@ def checkpoint(tmp_path_factory) -> str:
     """The tiny preset with decisive routers and a peaked head, so fp rounding cannot flip a choice."""
     from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
 
-    from rl.presets import preset
+    from rl.model.presets import preset
 
     torch.manual_seed(0)
     model = DeepseekV32ForCausalLM(DeepseekV32Config(**preset("tiny")))
@@ -126,7 +126,7 @@ def batch(client):
 
 
 def test_fields_shapes_and_dtypes(batch, client, tmp_path):
-    from rl.batch import rollout_schema, routing_of
+    from rl.algo.batch import rollout_schema, routing_of
 
     facts = client.facts
     assert batch.schema == rollout_schema(facts.moe_layers, facts.top_k, facts.n_routed_experts)
@@ -151,7 +151,7 @@ def test_fields_shapes_and_dtypes(batch, client, tmp_path):
 
 
 def test_routing_equals_oracle(batch, oracle):
-    from rl.batch import routing_of
+    from rl.algo.batch import routing_of
 
     for k, r in enumerate(batch.to_pylist()):
         tokens = r["prompt_ids"] + r["response_ids"]
@@ -275,7 +275,7 @@ def test_perturbed_weights_reach_the_engine(client, oracle, perturbed):
 def _assert_engine_matches(out, oracle, new_oracle):
     """The engine's log-probs and routing are those of `new_oracle`, which differs visibly from `oracle`."""
     moved = 0.0
-    from rl.batch import routing_of
+    from rl.algo.batch import routing_of
 
     for k, r in enumerate(out.to_pylist()):
         fed = r["prompt_ids"] + r["response_ids"][:-1]

@@ -68,7 +68,7 @@ def test_kept_sets_recorded_by_the_engine_need_no_candidates():
 def checkpoint(tmp_path_factory) -> str:
     from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
 
-    from rl.presets import preset
+    from rl.model.presets import preset
 
     path = tmp_path_factory.mktemp("tiny")
     DeepseekV32ForCausalLM(DeepseekV32Config(**preset("tiny"))).save_pretrained(path)

@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import DeepseekV32Config
 
-from rl.batch import make_rollout_batch, rollout_schema, with_columns
-from rl.checkpoint import build_model
-from rl.presets import preset
+from rl.algo.batch import make_rollout_batch, rollout_schema, with_columns
+from rl.model.checkpoint import build_model
+from rl.model.presets import preset
 from trainer.batching import to_train_tensors
 from trainer.objective import grpo_objective, policy_logprobs
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import DeepseekV32Config
 
-from rl.batch import make_rollout_batch, rollout_schema, with_columns
-from rl.checkpoint import build_model, save_checkpoint
-from rl.presets import preset
+from rl.algo.batch import make_rollout_batch, rollout_schema, with_columns
+from rl.model.checkpoint import build_model, save_checkpoint
+from rl.model.presets import preset
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +99,7 @@ def test_packed_sft_step_reports_the_padded_loss(worker):
     backbone does not move between the two calls (AdamW's update and decay both scale with lr). The indexer's
     own param group keeps its lr and the momentum of the GRPO steps before, but these rows are shorter than
     index_topk, so it is not in the forward."""
-    from rl.data import pack_sft_sequences, pad_sft_sequences
+    from rl.loop.data import pack_sft_sequences, pad_sft_sequences
 
     w, _ = worker
     gen = torch.Generator().manual_seed(11)

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl.checkpoint import has_indexer, load_model
-from rl.config import ConfigError
-from rl.tokenizer import CharTokenizer
-from rl.warmup_indexer import (
+from rl.loop.config import ConfigError
+from rl.model.checkpoint import has_indexer, load_model
+from rl.model.tokenizer import CharTokenizer
+from rl.recipes.warmup_indexer import (
     WarmupRun,
     add_fresh_indexer,
     attended_fraction,

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rl.batch import routing_of
+from rl.algo.batch import routing_of
 
 
 @dataclass

@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import torch
 
-from rl.grpo import grpo_loss
-from rl.logprobs import token_logprobs
-from rl.model import ModelOutput
+from rl.algo.grpo import grpo_loss
+from rl.algo.logprobs import token_logprobs
+from rl.model.transformer import ModelOutput
 from trainer.batching import TrainTensors
 
 

@@ -14,9 +14,9 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from rl.checkpoint import load_model, save_checkpoint
-from rl.logprobs import token_logprobs
-from rl.model import Transformer
+from rl.algo.logprobs import token_logprobs
+from rl.model.checkpoint import load_model, save_checkpoint
+from rl.model.transformer import Transformer
 from trainer.batching import TrainTensors, to_train_tensors
 from trainer.objective import grpo_objective, policy_logprobs
 
@@ -168,7 +168,7 @@ class TrainerWorker:
     ) -> dict:
         """One step of next-token cross-entropy on the masked positions (response tokens only).
 
-        segment_ids: [B, T] for packed rows (`rl.data.pack_sft_sequences`), None for right-padded ones.
+        segment_ids: [B, T] for packed rows (`rl.loop.data.pack_sft_sequences`), None for right-padded ones.
         """
         for group in self.optimizer.param_groups[:1]:
             group["lr"] = lr
@@ -199,7 +199,7 @@ class TrainerWorker:
         if self.rank == 0:
             tok = None
             if tokenizer_dir:
-                from rl.tokenizer import CharTokenizer
+                from rl.model.tokenizer import CharTokenizer
 
                 tok = CharTokenizer.load(tokenizer_dir)
             export = Transformer(self.model.config, with_indexer=self.model.with_indexer)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from rl.tokenizer import DEFAULT_CHARS
+from rl.model.tokenizer import DEFAULT_CHARS
 from rollout.agent.messages import Message, ParsedTurn, ToolCall, drop_stale_reasoning
 
 END = "|"

@@ -1,6 +1,6 @@
-"""The `agent:` section of a run config (`rl.config.KeelConfig.agent`): which environments, which
+"""The `agent:` section of a run config (`rl.loop.config.KeelConfig.agent`): which environments, which
 template, and the episode budgets. With `enabled: true`, `keel train` plays tool-use episodes
-instead of sampling answers to `data` prompts (rl/agent.py); `data` and `rewards` are then unused.
+instead of sampling answers to `data` prompts (rl/loop/agent_task.py); `data` and `rewards` are then unused.
 """
 
 from __future__ import annotations

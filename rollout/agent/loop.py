@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from rl.batch import make_rollout_batch, routing_of
-from rl.tokenizer import CharTokenizer
+from rl.algo.batch import make_rollout_batch, routing_of
+from rl.model.tokenizer import CharTokenizer
 from rollout.agent.context import ContextStrategy, context_metrics, make_room, summary_input
 from rollout.agent.environments.base import Environment, plain
 from rollout.agent.messages import Message

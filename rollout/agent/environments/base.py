@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
-from rl.tokenizer import DEFAULT_CHARS
+from rl.model.tokenizer import DEFAULT_CHARS
 
 PLAIN_CHARS = frozenset(DEFAULT_CHARS) - set("<>|")
 _INTEGER = re.compile(r"-?\d+")

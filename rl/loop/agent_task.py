@@ -13,14 +13,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import torch
 from omegaconf import DictConfig
 
-from rl.data import pad_sft_sequences
+from rl.loop.data import pad_sft_sequences
 from rollout.agent.context import make_room
 from rollout.agent.environments import Environment, environment_specs, make_environment
 from rollout.agent.environments.oracles import solve
@@ -75,6 +74,8 @@ class AgentTask:
         self.template = get_template(self.agent.template)
         self.train_specs = environment_specs(self.agent.environment, self.agent.train_size, self.agent.seed)
         self.eval_specs = environment_specs(self.agent.environment, self.agent.eval_size, self.agent.eval_seed)
+        self.num_train = len(self.train_specs)
+        self.full_reward = 1.0  # an environment's verifier scores an episode 0 or 1
 
     def environment(self, spec: tuple[str, int]) -> Environment:
         return make_environment(*spec, difficulty=self.agent.difficulty)
@@ -104,7 +105,7 @@ class AgentTask:
                     masks.append(mask)
         return pad_sft_sequences(seqs, masks)
 
-    def _play(self, client: Any, specs: list[tuple[str, int]], copies: int, sampling: dict, strategy: str,
+    def play(self, client: Any, specs: list[tuple[str, int]], copies: int, sampling: dict, strategy: str,
               version: int) -> tuple[pa.RecordBatch, dict[str, float]]:
         envs = [self.environment(spec) for spec in specs for _ in range(copies)]
         return run_episodes(client, envs, self.template, self.tokenizer, sampling, self.agent.max_turns,
@@ -113,53 +114,23 @@ class AgentTask:
                             system_prompt=self.agent.system_prompt or None)
 
     def rollout(self, client: Any, indices: list[int], sampling: dict,
-                step: int) -> tuple[pa.RecordBatch, dict[str, float]]:
-        """G episodes per chosen training environment (G = sampling["n"]), rewarded by its verifier."""
+                step: int) -> tuple[pa.RecordBatch, dict[str, float], list[str]]:
+        """G episodes per chosen training environment (G = sampling["n"]), rewarded by its verifier; the
+        verifiers run inside the episodes, so no separate reward time is reported."""
         specs = [self.train_specs[i] for i in indices]
-        return self._play(client, specs, sampling["n"], sampling, self.agent.context_strategy, step)
+        batch, metrics = self.play(client, specs, sampling["n"], sampling, self.agent.context_strategy, step)
+        texts = [self.tokenizer.decode(ids) for ids in batch.column("response_ids").to_pylist()]
+        return batch, metrics, texts
 
     def evaluate(self, client: Any, sampling: dict) -> dict[str, float]:
         """Held-out success rate (one greedy episode per environment), with turns and tool calls per episode."""
-        batch, metrics = self._play(client, self.eval_specs, 1, sampling, self.agent.eval_context_strategy, -1)
+        batch, metrics = self.play(client, self.eval_specs, 1, sampling, self.agent.eval_context_strategy, -1)
         rewards = batch.column("reward").to_pylist()
         return {"eval/accuracy": sum(r >= 1.0 for r in rewards) / len(rewards), "eval/reward": metrics["agent/reward"],
                 "eval/turns": metrics["agent/turns"], "eval/tool_calls": metrics["agent/tool_calls"],
                 "eval/context_uses": metrics["context/uses"]}
 
-
-# ---- long-horizon evaluation: the context strategies side by side ----------------------------------
-
-
-def context_strategy_table(client: Any, task: AgentTask, sampling: dict, strategies: list[str],
-                           samples: int) -> dict[str, dict[str, float]]:
-    """Per strategy, `samples` episodes on each held-out environment: success rate, turns and tool calls per
-    episode, how many episodes needed room (context uses > 0, or ended at the budget under "none")."""
-    table = {}
-    for strategy in strategies:
-        batch, metrics = task._play(client, task.eval_specs, samples, sampling, strategy, -1)
-        n = batch.num_rows
-        rewards = batch.column("reward").to_pylist()
-        over = [f == "context_budget" or s > 1 for f, s in zip(batch.column("finish_reason").to_pylist(),
-                                                               batch.column("segments").to_pylist(), strict=True)]
-        table[strategy] = {"success": sum(r >= 1.0 for r in rewards) / n, "turns": metrics["agent/turns"],
-                           "tool_calls": metrics["agent/tool_calls"], "over_budget": sum(over) / n,
-                           "context_uses": metrics["context/uses"] / n, "episodes": float(n)}
-    return table
-
-
-def evaluate_context_strategies(cfg: DictConfig, checkpoint: str, strategies: list[str], samples: int,
-                                greedy: bool) -> dict[str, dict[str, float]]:
-    """Serve `checkpoint` on one rollout engine and fill `context_strategy_table` for the config's held-out
-    environments at `agent.max_total_tokens` (sampling as in training unless `greedy`)."""
-    from omegaconf import OmegaConf
-
-    from rl.driver import Run, ray_session
-    from rollout.client import RolloutClient
-
-    with ray_session(cfg.run.ray_address, cfg.rollout.num_workers + 2):
-        run = Run(cfg, Path(checkpoint))
-        client = RolloutClient(checkpoint, cfg.rollout.num_workers, OmegaConf.to_container(cfg.rollout.engine))
-        try:
-            return context_strategy_table(client, run.agent, run.sampling(0, greedy=greedy), strategies, samples)
-        finally:
-            client.shutdown()
+    def report(self, before: dict[str, float], after: dict[str, float]) -> str | None:
+        return (f"held-out episodes: turns {before.get('eval/turns', float('nan')):.2f} -> {after['eval/turns']:.2f}, "
+                f"tool calls {before.get('eval/tool_calls', float('nan')):.2f} -> {after['eval/tool_calls']:.2f} "
+                "per episode")

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +32,9 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from rl.config import ConfigError, merge_config, to_yaml
-from rl.specialists import checkpoint_tensors, evaluate_models, print_table
+from rl.loop.config import ConfigError, merge_config
+from rl.loop.run_dir import commit_checkpoint, create_run_dir, latest_checkpoint, prune_checkpoints, resume_run_dir
+from rl.recipes.specialists import checkpoint_tensors, evaluate_models, print_table
 
 DATASET_COLUMNS = ("prompt", "response", "specialist", "domain", "prompt_id", "sample", "reward")
 
@@ -167,18 +166,13 @@ def newest_specialists_dir(output_dir: str | Path) -> Path:
 def prepare_distill_dir(cfg: DictConfig, resume: str | None) -> tuple[DictConfig, Path]:
     """A new run directory (config.yaml written, specialists resolved), or the resumed one's config read back."""
     if resume:
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").exists():
-            raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there; is it a keel distill directory?")
+        run_dir = resume_run_dir(resume, kind="keel distill")
         return load_distill_config(run_dir / "config.yaml"), run_dir
     source = Path(cfg.specialists) if cfg.specialists else newest_specialists_dir(cfg.run.output_dir)
     if not (source / "summary.json").exists():
         raise FileNotFoundError(f"specialists={source}: no summary.json; finish `keel specialists --resume {source}`")
     cfg = OmegaConf.merge(cfg, {"specialists": str(source.resolve())})
-    run_dir = Path(cfg.run.output_dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=False)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    return cfg, run_dir
+    return cfg, create_run_dir(cfg.run.output_dir, cfg.run.name, cfg)
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
@@ -194,13 +188,14 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
 
 def sample_specialist(name: str, run, client, sample: DictConfig) -> pa.Table:
     """One specialist's kept responses on its domain's training prompts (the client holds its weights)."""
-    n = min(sample.prompts_per_domain, len(run.train_prompts))
+    task = run.task
+    n = min(sample.prompts_per_domain, len(task.train_prompts))
     sampling = {**run.sampling(0), "n": sample.samples_per_prompt, "temperature": sample.temperature,
                 "top_k": sample.top_k, "top_p": sample.top_p}
-    batch = client.generate(run.train_prompts[:n], sampling, policy_version=-1)
-    prompt_rows = run.train_set.slice(0, n).to_pylist()
+    batch = client.generate(task.train_prompts[:n], sampling, policy_version=-1)
+    prompt_rows = task.train_set.slice(0, n).to_pylist()
     index = batch.column("prompt_index").to_pylist()
-    scores, _, responses = run.score(batch, [prompt_rows[i] for i in index])
+    scores, _, responses = task.score(batch, [prompt_rows[i] for i in index])
     rows = [{"prompt": prompt_rows[i]["prompt"], "response": text, "specialist": name, "domain": name,
              "prompt_id": i, "sample": k % sample.samples_per_prompt, "reward": float(score)}
             for k, (i, text, score) in enumerate(zip(index, responses, scores, strict=True))]
@@ -245,8 +240,7 @@ def build_dataset(run_dir: Path, names: list[str]) -> pa.Table:
 
 
 def latest_sft_checkpoint(run_dir: Path) -> Path | None:
-    done = [p for p in (run_dir / "sft").glob("step_*") if (p / "state.json").exists()]
-    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+    return latest_checkpoint(run_dir / "sft", "state.json")
 
 
 def finetune(cfg: DictConfig, run_dir: Path, dataset: pa.Table, init: Path, keel_cfg: DictConfig) -> Path:
@@ -256,9 +250,9 @@ def finetune(cfg: DictConfig, run_dir: Path, dataset: pa.Table, init: Path, keel
     step's samples are packed into rows (`pack_sft_sequences`) and the model gets their segment ids, so a sample
     attends only to itself; otherwise rows are right-padded. The samples of a step are the same either way.
     """
-    from rl.checkpoint import load_config
-    from rl.data import pack_sft_sequences, pad_sft_sequences, sample_indices, sft_sequences
-    from rl.tokenizer import CharTokenizer
+    from rl.loop.data import pack_sft_sequences, pad_sft_sequences, sample_indices, sft_sequences
+    from rl.model.checkpoint import load_config
+    from rl.model.tokenizer import CharTokenizer
     from trainer.group import TrainerGroup, warmup_lr
 
     sft = cfg.sft
@@ -301,12 +295,8 @@ def save_sft_checkpoint(run_dir: Path, group, step: int, tokenizer_dir: str) -> 
     """model/ + optim/, then state.json last (its presence marks the checkpoint complete); older ones removed."""
     path = run_dir / "sft" / f"step_{step}"
     group.save(str(path), tokenizer_dir=tokenizer_dir)
-    tmp = path / "state.json.tmp"
-    tmp.write_text(json.dumps({"step": step}))
-    os.replace(tmp, path / "state.json")
-    for old in (run_dir / "sft").glob("step_*"):
-        if old != path:
-            shutil.rmtree(old, ignore_errors=True)
+    commit_checkpoint(path, {"step": step}, "state.json")
+    prune_checkpoints(run_dir / "sft", "state.json", keep=1)
 
 
 # ---- the recipe -------------------------------------------------------------------------------------
@@ -316,7 +306,7 @@ def distill(cfg: DictConfig | None, resume: str | None = None, stop_after: str |
     """Sample, filter, fine-tune and evaluate (see the module docstring); returns the run directory.
 
     stop_after="sample" ends the run once dataset.parquet is written (resume it later to fine-tune)."""
-    from rl.driver import Run, ray_session
+    from rl.loop.driver import Run, ray_session
 
     if cfg is None and resume is None:
         raise ValueError("give a distill config or a run directory to resume")

@@ -27,7 +27,6 @@ import os
 import shutil
 import socket
 import string
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +37,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from transformers import DeepseekV32Config
 
-from rl.checkpoint import build_model, has_indexer, load_config, load_model, save_checkpoint
-from rl.config import ConfigError, merge_config
-from rl.logprobs import token_logprobs
-from rl.model import Transformer
-from rl.presets import preset
-from rl.tokenizer import TOKENIZER_FILE, CharTokenizer
+from rl.algo.logprobs import token_logprobs
+from rl.loop.config import ConfigError, merge_config
+from rl.loop.run_dir import commit_checkpoint, create_run_dir, latest_checkpoint, prune_checkpoints, resume_run_dir
+from rl.model.checkpoint import build_model, has_indexer, load_config, load_model, save_checkpoint
+from rl.model.presets import preset
+from rl.model.tokenizer import TOKENIZER_FILE, CharTokenizer
+from rl.model.transformer import Transformer
 
 PHASES = ("pretrain", "dense", "sparse")
 PHASE_OUTPUT = {"pretrain": "dense", "dense": "warmup", "sparse": "dsa"}
@@ -64,7 +64,7 @@ class RunSection:
 @dataclass
 class ModelSection:
     checkpoint: str = ""  # dense DeepSeek-V3-style HF checkpoint; "" : pretrain a preset model here
-    preset: str = "tiny"  # rl.presets name for the pretrained dense model
+    preset: str = "tiny"  # rl.model.presets name for the pretrained dense model
     overrides: dict[str, Any] = field(default_factory=dict)  # config.json fields over the preset
     seed: int = 0  # initialises the pretrained model and the fresh indexer
     # The indexer added to the dense model; 0 keeps the value in the dense model's config.json.
@@ -318,20 +318,15 @@ class WarmupRun:
 
     def latest_checkpoint(self, phase: str) -> Path | None:
         """The newest checkpoint of `phase` whose state.json exists (it is written last)."""
-        done = [p for p in (self.dir / "checkpoints" / phase).glob("step_*") if (p / "state.json").exists()]
-        return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+        return latest_checkpoint(self.dir / "checkpoints" / phase, "state.json")
 
     def save_phase_checkpoint(self, phase: str, engine, step: int) -> Path:
         path = self.dir / "checkpoints" / phase / f"step_{step}"
         save_checkpoint(engine.module, path / "model", tokenizer=self.tokenizer)
         engine.save_checkpoint(str(path / "optim"), tag="state")
-        tmp = path / "state.json.tmp"
-        tmp.write_text(json.dumps({"phase": phase, "step": step}))
-        os.replace(tmp, path / "state.json")
+        commit_checkpoint(path, {"phase": phase, "step": step}, "state.json")
         # Only the newest checkpoint of a phase is needed to resume it.
-        for old in (self.dir / "checkpoints" / phase).glob("step_*"):
-            if old != path:
-                shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(self.dir / "checkpoints" / phase, "state.json", keep=1)
         return path
 
     # ---- one phase
@@ -500,18 +495,9 @@ def format_table(summary: dict) -> str:
 def prepare_run_dir(cfg: DictConfig | None, resume: str | None) -> tuple[DictConfig, Path]:
     """A new run directory with config.yaml written, or the one being resumed with its config.yaml read back."""
     if resume:
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").exists():
-            raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there; is it a warm-up run directory?")
+        run_dir = resume_run_dir(resume, kind="keel warmup-indexer")
         return load_warmup_config(run_dir / "config.yaml"), run_dir
-    stem = Path(cfg.run.output_dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir, n = stem, 0
-    while run_dir.exists():  # two runs started in the same second
-        n += 1
-        run_dir = stem.with_name(f"{stem.name}-{n}")
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return cfg, run_dir
+    return cfg, create_run_dir(cfg.run.output_dir, cfg.run.name, cfg)
 
 
 def warmup_indexer(cfg: DictConfig | None, resume: str | None = None, stop_after: str | None = None) -> Path:

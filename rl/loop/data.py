@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from rl.tokenizer import CharTokenizer
+from rl.model.tokenizer import CharTokenizer
 
 
 def generate_addition(n: int, seed: int, max_operand: int = 99) -> list[dict]:

@@ -14,12 +14,15 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from rl.algo.config import GRPOConfig
 from rollout.agent.config import AgentConfig
+from rollout.config import EngineConfig
+from trainer.config import TrainerConfig
 
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"  # rl.presets name, used when `checkpoint` is empty
+    preset: str = "tiny"  # rl.model.presets name, used when `checkpoint` is empty
     checkpoint: str = ""  # HF-format directory to start from instead of a fresh preset model
     overrides: dict[str, Any] = field(default_factory=dict)  # config.json fields over the preset
     seed: int = 0
@@ -47,20 +50,6 @@ class SFTConfig:
 
 
 @dataclass
-class EngineConfig:
-    dtype: str = "float32"
-    max_model_len: int = 64
-    gpu_memory_utilization: float = 0.1  # on CPU: the fraction of RAM vLLM may reserve
-    kv_cache_space_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE
-    tensor_parallel_size: int = 1
-    enforce_eager: bool = True
-    seed: int = 0
-    # CPU weight sync: shm (a file in /dev/shm, one node), object_store (Ray's object store, any node), or auto
-    # (shm for workers on the driver's node, the object store for the others); rollout/weight_sync.py.
-    weight_transport: str = "auto"
-
-
-@dataclass
 class RolloutConfig:
     num_workers: int = 1
     prompts_per_step: int = 16
@@ -78,36 +67,6 @@ class RewardConfig:
     name: str = "exact_match"  # registry name or import path "module:function"
     weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class GRPOConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    mini_batch_size: int = 64  # sequences per optimiser step
-    epochs: int = 1  # passes over each rollout batch
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
-    normalize_std: bool = False
-    kl_estimator: str = "unbiased"  # unbiased | k3 | none
-    kl_coef: float = 0.01
-    offpolicy_delta: float | None = 0.5  # null: no off-policy sequence masking
-    keep_routing: bool = True
-    keep_sampling_mask: bool = True
-    train_indexer: bool = True
-    indexer_lr: float = 1e-3
-    indexer_loss_coef: float = 1.0
-    logprob_chunk: int = 1024
-
-
-@dataclass
-class TrainerConfig:
-    num_ranks: int = 1
-    zero_stage: int = 1
-    dtype: str = "float32"  # bf16 on GPU
-    cpus_per_rank: float = 1.0
-    gpus_per_rank: float = 0.0
 
 
 @dataclass

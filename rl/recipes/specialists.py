@@ -1,6 +1,6 @@
 """`keel specialists`: one GRPO run per domain, all from one base checkpoint, then a cross-domain table.
 
-Each specialist is an ordinary `keel train` run (rl/driver.py) whose `model.checkpoint` is the base and whose
+Each specialist is an ordinary `keel train` run (rl/loop/driver.py) whose `model.checkpoint` is the base and whose
 `sft.steps` is 0, so GRPO starts from the base itself; its data, rewards and hyper-parameters are the recipe's
 shared `train` section with the domain's own `train` section on top. An agent domain (`agent: true`, `task` an
 environment kind: search, planner, codefix or mixed) trains on tool-use episodes (`agent.enabled`); it keeps its
@@ -35,8 +35,9 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from rl.config import ConfigError, RewardConfig, load_config, merge_config, to_yaml
-from rl.data import load_dataset
+from rl.loop.config import ConfigError, RewardConfig, load_config, merge_config
+from rl.loop.data import load_dataset
+from rl.loop.run_dir import create_run_dir, resume_run_dir, write_atomic
 from rollout.agent.environments import ENVIRONMENTS
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -154,9 +155,7 @@ def read_state(recipe_dir: Path) -> dict:
 
 def write_state(recipe_dir: Path, state: dict) -> None:
     """Atomic: a crash leaves the old state or the new one, never half of one."""
-    tmp = recipe_dir / "state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, recipe_dir / "state.json")
+    write_atomic(recipe_dir / "state.json", json.dumps(state, indent=1))
 
 
 def run_finished(run_dir: str | Path | None) -> bool:
@@ -166,26 +165,21 @@ def run_finished(run_dir: str | Path | None) -> bool:
 
 def final_model(run_dir: str | Path) -> Path:
     """The model a finished keel run ends with: its newest checkpoint, or init/ when it ran no RL step."""
-    from rl.driver import latest_checkpoint
+    from rl.loop.driver import latest_run_checkpoint
 
-    ckpt = latest_checkpoint(Path(run_dir))
+    ckpt = latest_run_checkpoint(Path(run_dir))
     return ckpt / "model" if ckpt else Path(run_dir) / "init" / "model"
 
 
 def prepare_recipe_dir(recipe: DictConfig, resume: str | None) -> tuple[DictConfig, Path]:
     """A new recipe directory (recipe.yaml written), or the one being resumed (its recipe.yaml read back)."""
     if resume:
-        recipe_dir = Path(resume)
-        if not (recipe_dir / "recipe.yaml").exists():
-            raise FileNotFoundError(f"--resume {recipe_dir}: no recipe.yaml there; is it a keel recipe directory?")
+        recipe_dir = resume_run_dir(resume, "recipe.yaml", "keel specialists")
         return load_specialists_config(recipe_dir / "recipe.yaml"), recipe_dir
-    recipe_dir = Path(recipe.run.output_dir) / f"{recipe.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    recipe_dir.mkdir(parents=True, exist_ok=False)
-    (recipe_dir / "recipe.yaml").write_text(to_yaml(recipe))
-    return recipe, recipe_dir
+    return recipe, create_run_dir(recipe.run.output_dir, recipe.run.name, recipe, "recipe.yaml")
 
 
-# ---- evaluation (shared with rl/distill.py) -----------------------------------------------------
+# ---- evaluation (shared with rl/recipes/distill.py) -----------------------------------------------------
 
 
 def checkpoint_tensors(model_dir: str | Path) -> dict:
@@ -212,7 +206,7 @@ def evaluate_models(models: dict[str, Path], domains: dict[str, DictConfig], wor
     One rollout engine serves them all: it starts on the first model and receives each next model's weights
     the way it receives the trainer's during RL (an engine start costs far more than a weight push).
     """
-    from rl.driver import Run
+    from rl.loop.driver import Run
     from rollout.client import RolloutClient
 
     runs = {name: Run(cfg, work_dir) for name, cfg in domains.items()}
@@ -278,7 +272,7 @@ def build_base(recipe: DictConfig, recipe_dir: Path, domains: dict[str, DictConf
     """The base checkpoint: base.checkpoint as given, or an SFT of the preset model on the domain mixture."""
     if recipe.base.checkpoint:
         return Path(recipe.base.checkpoint)
-    from rl.driver import Run
+    from rl.loop.driver import Run
 
     base_dir = recipe_dir / "base"
     mixture = write_mixture(recipe, domains, base_dir / "mixture.parquet")
@@ -307,7 +301,7 @@ def specialist_config(recipe: DictConfig, domain: DictConfig, recipe_dir: Path, 
 def preflight(recipe: DictConfig) -> dict[str, DictConfig]:
     """Every enabled domain's keel config and datasets, built before anything trains, so a bad key, a missing
     data file or a prompt the tokenizer cannot encode fails now rather than after the first specialists."""
-    from rl.driver import Run
+    from rl.loop.driver import Run
 
     configs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -324,7 +318,7 @@ def preflight(recipe: DictConfig) -> dict[str, DictConfig]:
 def run_specialists(recipe: DictConfig | None, resume: str | None = None) -> Path:
     """Train the base (if needed) and every enabled specialist, evaluate all of them on every domain; returns
     the recipe directory. With `resume`, finished work in that directory is kept."""
-    from rl.driver import ray_session
+    from rl.loop.driver import ray_session
 
     if recipe is None and resume is None:
         raise ValueError("give a specialists recipe or a recipe directory to resume")
@@ -351,7 +345,7 @@ def run_specialists(recipe: DictConfig | None, resume: str | None = None) -> Pat
 
 
 def driver_cpus(cfg: DictConfig) -> int:
-    """Logical CPUs a local Ray needs for one keel train run (the same sum rl.driver.train asks for)."""
+    """Logical CPUs a local Ray needs for one keel train run (the same sum rl.loop.driver.train asks for)."""
     return int(cfg.trainer.num_ranks * cfg.trainer.cpus_per_rank + cfg.rollout.num_workers + 2)
 
 
@@ -362,14 +356,12 @@ def gain_columns(table: dict) -> dict[str, dict[str, str]]:
 
 
 def new_run_dir(cfg: DictConfig) -> Path:
-    from rl.driver import prepare_run_dir
-
-    return prepare_run_dir(cfg, None)[1]
+    return create_run_dir(cfg.run.output_dir, cfg.run.name, cfg)
 
 
 def train_sequentially(recipe_dir: Path, state: dict, configs: dict[str, DictConfig]) -> None:
     """One specialist after another in this process (keel's local Ray stays up between them)."""
-    from rl.driver import train
+    from rl.loop.driver import train
 
     for name, cfg in configs.items():
         entry = state["specialists"].setdefault(name, {"run_dir": None})

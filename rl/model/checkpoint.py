@@ -19,8 +19,8 @@ from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
 from transformers import DeepseekV32Config
 
-from rl.model import Transformer, init_weights
-from rl.tokenizer import CharTokenizer
+from rl.model.tokenizer import CharTokenizer
+from rl.model.transformer import Transformer, init_weights
 
 # Fields whose transformers defaults are the 671B model's: a config.json that omits one is an error,
 # not a silent DeepSeek-V3.2-sized default.

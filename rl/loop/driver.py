@@ -1,7 +1,7 @@
 """`keel train`: supervised warm start, then GRPO steps of rollout -> reward -> update -> weight sync.
 
 The rollouts are answers to `data` prompts scored by `rewards`, or, with `agent.enabled`, multi-turn
-tool-use episodes in synthesized environments scored by their verifiers (rl/agent.py).
+tool-use episodes in synthesized environments scored by their verifiers (rl/loop/agent_task.py).
 
 A run directory holds everything needed to inspect and resume a run:
   config.yaml            the resolved configuration
@@ -27,14 +27,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from rl.batch import with_columns
-from rl.checkpoint import build_model, load_config, save_checkpoint
-from rl.config import to_yaml
-from rl.data import encode_prompts, load_dataset, sample_indices, sft_tensors
-from rl.grpo import group_advantages
-from rl.metrics import MetricsLogger
-from rl.presets import preset
-from rl.tokenizer import TOKENIZER_FILE, CharTokenizer
+from rl.algo.batch import with_columns
+from rl.algo.grpo import group_advantages
+from rl.loop.data import sample_indices
+from rl.loop.metrics import MetricsLogger
+from rl.loop.run_dir import commit_checkpoint, create_run_dir, latest_checkpoint, prune_checkpoints, resume_run_dir
+from rl.loop.tasks import Task, make_task
+from rl.model.checkpoint import build_model, load_config, save_checkpoint
+from rl.model.presets import preset
+from rl.model.tokenizer import TOKENIZER_FILE, CharTokenizer
+from rollout.config import EngineConfig
+
+LOOP_STATE = "loop_state.json"  # written last into a checkpoint: its presence marks it complete
 
 
 @contextmanager
@@ -68,31 +72,10 @@ class Run:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg, self.dir = cfg, run_dir
         self.tokenizer = CharTokenizer()
-        self.agent = None
-        if cfg.get("agent", {}).get("enabled"):  # runs written before the agent section have none
-            from rl.agent import AgentTask
+        self.task: Task = make_task(cfg, self.tokenizer)
 
-            self.agent = AgentTask(cfg, self.tokenizer)
-            return
-        self.train_set = load_dataset(cfg.data.task, cfg.data.train_size, cfg.data.seed, cfg.data.max_operand)
-        eval_task = cfg.data.eval_task or cfg.data.task
-        self.eval_set = load_dataset(eval_task, cfg.data.eval_size, cfg.data.eval_seed, cfg.data.max_operand)
-        self.train_prompts = encode_prompts(self.train_set, self.tokenizer)
-        self.eval_prompts = encode_prompts(self.eval_set, self.tokenizer)
-        self._check_lengths()
-
-    @property
-    def num_train(self) -> int:
-        """How many prompts (or environments) a step's indices are drawn from."""
-        return len(self.agent.train_specs) if self.agent else len(self.train_prompts)
-
-    def _check_lengths(self) -> None:
-        longest = max(len(p) for p in self.train_prompts + self.eval_prompts) + self.cfg.rollout.max_tokens
-        if longest > self.cfg.rollout.engine.max_model_len:
-            raise ValueError(
-                f"the longest prompt plus rollout.max_tokens is {longest} tokens > rollout.engine.max_model_len="
-                f"{self.cfg.rollout.engine.max_model_len}; raise max_model_len or shorten the task"
-            )
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig.of(OmegaConf.to_container(self.cfg.rollout.engine))
 
     # ---- models ----------------------------------------------------------------------------------
 
@@ -140,21 +123,13 @@ class Run:
         bar = tqdm(range(sft.steps), desc="sft", unit="step")
         try:
             for step in bar:
-                idx = sample_indices(self.num_train, sft.batch_size, self.cfg.run.seed + 1, step)
-                m = group.sft_step(*self.sft_batch(idx), lr=warmup_lr(step, sft.lr, sft.warmup_steps))
+                idx = sample_indices(self.task.num_train, sft.batch_size, self.cfg.run.seed + 1, step)
+                m = group.sft_step(*self.task.sft_tensors(idx), lr=warmup_lr(step, sft.lr, sft.warmup_steps))
                 bar.set_postfix(loss=f"{m['sft_loss']:.3f}")
             group.save(str(init), tokenizer_dir=str(base))
         finally:
             group.shutdown()
         return init / "model"
-
-    def sft_batch(self, idx: list[int]):
-        """Supervised tensors: reference answers to the prompts, or the oracle's episodes (agents)."""
-        if self.agent:
-            return self.agent.sft_tensors(idx)
-        rows = self.train_set.take(idx)  # only the step's rows, not the whole table each step
-        answers = [str(a) for a in rows.column("answer").to_pylist()]
-        return sft_tensors(rows.column("prompt").to_pylist(), answers, self.tokenizer)
 
     # ---- rollouts, rewards, evaluation -----------------------------------------------------------
 
@@ -173,62 +148,22 @@ class Run:
             "seed": (self.cfg.run.seed * 100_003 + step) * 1_000_000,
         }
 
-    def score(self, batch: pa.RecordBatch, rows: list[dict]) -> tuple[list[float], list[str], list[str]]:
-        from rewards.scoring import RewardSpec, score_responses
-
-        responses = [self.tokenizer.decode(ids) for ids in batch.column("response_ids").to_pylist()]
-        specs = [RewardSpec(r.name, r.weight, OmegaConf.to_container(r.kwargs)) for r in self.cfg.rewards]
-        results = score_responses(responses, rows, specs, use_ray=True)
-        return [r.score for r in results], [r.reason for r in results], responses
-
-    def rollout(self, client, idx: list[int], step: int) -> tuple[pa.RecordBatch, dict[str, float], list[str]]:
-        """The step's samples with `reward` and `reward_reason` filled, extra metrics, and response texts."""
-        if self.agent:
-            batch, metrics = self.agent.rollout(client, idx, self.sampling(step + 1), step)
-            texts = [self.tokenizer.decode(ids) for ids in batch.column("response_ids").to_pylist()]
-            return batch, metrics, texts
-        batch = client.generate([self.train_prompts[i] for i in idx], self.sampling(step + 1), policy_version=step)
-        t = time.perf_counter()
-        sample_rows = self.train_set.take(idx).to_pylist()
-        rows = [sample_rows[i] for i in batch.column("prompt_index").to_pylist()]
-        rewards, reasons, texts = self.score(batch, rows)
-        reward_time = {"time/reward": time.perf_counter() - t}
-        return with_columns(batch, reward=rewards, reward_reason=reasons), reward_time, texts
-
-    def full_reward(self) -> float:
-        """The reward of a fully correct response: every reward earned, or an environment's 1.0."""
-        return 1.0 if self.agent else sum(r.weight for r in self.cfg.rewards)
-
     def evaluate(self, client) -> dict[str, float]:
-        """Held-out accuracy with greedy decoding (the fraction of responses that earn every reward in full, or
-        of episodes whose answer verifies) and mean reward; agents add turns and tool calls per episode."""
-        if self.agent:
-            return self.agent.evaluate(client, self.sampling(0, greedy=True))
-        batch = client.generate(self.eval_prompts, self.sampling(0, greedy=True), policy_version=-1)
-        scores, _, _ = self.score(batch, self.eval_set.to_pylist())
-        full = self.full_reward()
-        return {"eval/accuracy": sum(s >= full - 1e-6 for s in scores) / len(scores),
-                "eval/reward": sum(scores) / len(scores)}
+        """Held-out greedy evaluation by the task (accuracy, mean reward, and the task's own figures)."""
+        return self.task.evaluate(client, self.sampling(0, greedy=True))
 
 
-def prepare_run_dir(cfg: DictConfig, resume: str | None) -> tuple[DictConfig, Path]:
+def prepare_run_dir(cfg: DictConfig | None, resume: str | None) -> tuple[DictConfig, Path]:
     """A new run directory (config.yaml written), or the one being resumed (its config.yaml read back)."""
     if resume:
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").exists():
-            raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there; is it a keel run directory?")
+        run_dir = resume_run_dir(resume)
         return OmegaConf.load(run_dir / "config.yaml"), run_dir
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.run.output_dir) / f"{cfg.run.name}-{stamp}"
-    run_dir.mkdir(parents=True, exist_ok=False)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    return cfg, run_dir
+    return cfg, create_run_dir(cfg.run.output_dir, cfg.run.name, cfg)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint whose loop_state.json exists (it is written last, so the rest is complete)."""
-    done = [p for p in (run_dir / "checkpoints").glob("step_*") if (p / "loop_state.json").exists()]
-    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+def latest_run_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete RL checkpoint of a run (loop_state.json is written last)."""
+    return latest_checkpoint(run_dir / "checkpoints", LOOP_STATE)
 
 
 def train(cfg: DictConfig, resume: str | None = None) -> Path:
@@ -245,14 +180,14 @@ def _train(cfg: DictConfig, run_dir: Path) -> Path:
     print(f"keel: run directory {run_dir}")
     init = run.warm_start(run.base_checkpoint())
 
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = latest_run_checkpoint(run_dir)
     state = json.loads((ckpt / "loop_state.json").read_text()) if ckpt else {"step": 0, "eval_before": None}
     policy = ckpt / "model" if ckpt else init
     # Without a checkpoint the run starts over (eval included), so none of an interrupted run's records stay.
     logger = MetricsLogger(run_dir, cfg.run.wandb_mode, cfg.run.wandb_project, run_dir.name,
                            OmegaConf.to_container(cfg), resume_step=state["step"] if ckpt else -1)
     trainer = run.trainer_group(policy, init, cfg.grpo.lr)
-    client = RolloutClient(str(policy), cfg.rollout.num_workers, OmegaConf.to_container(cfg.rollout.engine))
+    client = RolloutClient(str(policy), cfg.rollout.num_workers, run.engine_config())
     try:
         if ckpt:
             trainer.load_optimizer(str(ckpt))
@@ -279,11 +214,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> Path:
         state["eval_after"], state["eval_after_metrics"] = after["eval/accuracy"], after
         logger.log(cfg.run.steps, after)
         (run_dir / "summary.json").write_text(json.dumps(state, indent=1))
-        if run.agent:
-            b = state.get("eval_before_metrics") or {}
-            print(f"keel: held-out episodes: turns {b.get('eval/turns', float('nan')):.2f} -> "
-                  f"{after['eval/turns']:.2f}, tool calls {b.get('eval/tool_calls', float('nan')):.2f} -> "
-                  f"{after['eval/tool_calls']:.2f} per episode")
+        line = run.task.report(state.get("eval_before_metrics") or {}, after)
+        if line:
+            print(f"keel: {line}")
         print(
             f"keel: held-out accuracy before RL {state['eval_before']:.3f} -> after RL {state['eval_after']:.3f}\n"
             f"keel: metrics {run_dir / 'metrics.jsonl'}, rollouts {run_dir / 'rollouts'}, "
@@ -300,9 +233,9 @@ def rl_step(run: Run, trainer, client, step: int) -> dict[str, float]:
     cfg = run.cfg
     times = {}
     t = time.perf_counter()
-    idx = sample_indices(run.num_train, cfg.rollout.prompts_per_step, cfg.run.seed, step)
+    idx = sample_indices(run.task.num_train, cfg.rollout.prompts_per_step, cfg.run.seed, step)
     # Scoring happens inside: reward functions for prompts, the environment's verifier for agent episodes.
-    batch, rollout_metrics, texts = run.rollout(client, idx, step)
+    batch, rollout_metrics, texts = run.task.rollout(client, idx, run.sampling(step + 1), step)
     times["time/reward"] = rollout_metrics.pop("time/reward", 0.0)  # agents: verifiers run inside the episodes
     times["time/rollout"] = time.perf_counter() - t - times["time/reward"]
 
@@ -336,7 +269,7 @@ def rl_step(run: Run, trainer, client, step: int) -> dict[str, float]:
         {
             "reward/mean": float(rewards_t.mean()),
             "reward/std": float(rewards_t.std()) if len(rewards) > 1 else 0.0,
-            "accuracy": float((rewards_t >= run.full_reward() - 1e-6).float().mean()),
+            "accuracy": float((rewards_t >= run.task.full_reward - 1e-6).float().mean()),
             "response_length": sum(lengths) / len(lengths),
             "reward_failures": float(sum(bool(r) for r in reasons)),
             "tokens_per_s": sum(lengths) / max(times["time/rollout"], 1e-9),
@@ -347,12 +280,8 @@ def rl_step(run: Run, trainer, client, step: int) -> dict[str, float]:
 
 
 def save_run_checkpoint(run_dir: Path, trainer, state: dict, tokenizer_dir: str, keep: int) -> None:
-    path = run_dir / "checkpoints" / f"step_{state['step']}"
+    parent = run_dir / "checkpoints"
+    path = parent / f"step_{state['step']}"
     trainer.save(str(path), tokenizer_dir=tokenizer_dir)
-    tmp = path / "loop_state.json.tmp"
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path / "loop_state.json")
-    done = sorted((p for p in (run_dir / "checkpoints").glob("step_*") if (p / "loop_state.json").exists()),
-                  key=lambda p: int(p.name.split("_")[1]))
-    for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    commit_checkpoint(path, state, LOOP_STATE)
+    prune_checkpoints(parent, LOOP_STATE, keep)

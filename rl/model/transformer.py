@@ -2,7 +2,7 @@
 
 Module and parameter names follow the Hugging Face `deepseek_v32` checkpoint, so a real DeepSeek-V3.2
 checkpoint loads unchanged and a keel checkpoint loads in transformers and vLLM. The configuration is
-transformers' `DeepseekV32Config` (it parses config.json and the RoPE variants); `rl.checkpoint` validates it.
+transformers' `DeepseekV32Config` (it parses config.json and the RoPE variants); `rl.model.checkpoint` validates it.
 
 Two things the RL recipe needs from the forward pass, beyond logits:
   Keep Routing   every MoE layer can return the expert ids it chose and can be given ids to use
@@ -329,7 +329,7 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
-    """The causal LM. `forward` returns final hidden states; `logits` applies the head (see rl.logprobs)."""
+    """The causal LM. `forward` returns final hidden states; `logits` applies the head (see rl.algo.logprobs)."""
 
     def __init__(self, config: DeepseekV32Config, with_indexer: bool = True):
         super().__init__()

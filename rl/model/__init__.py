@@ -1,0 +1,2 @@
+"""The DSA-MoE model and its formats: the module, HF-format checkpoints, presets, tokenizers (a leaf: imports
+nothing of keel's but `kernels/`)."""

@@ -1,0 +1,1 @@
+"""Recipes built on the loop: domain specialists, distillation, the indexer warm-up."""

@@ -1,0 +1,36 @@
+"""Engine settings: the one source of their defaults, for the run config's `rollout.engine` section and for
+every rollout worker (a plain dict or omegaconf section is checked against it when it crosses into a worker)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class EngineConfig:
+    dtype: str = "float32"
+    max_model_len: int = 512
+    gpu_memory_utilization: float = 0.1  # on CPU: the fraction of RAM vLLM may reserve
+    kv_cache_space_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = True
+    seed: int = 0
+    max_logprobs: int = 256
+    max_num_seqs: int = 256
+    # CPU weight sync: shm (a file in /dev/shm, one node), object_store (Ray's object store, any node), or auto
+    # (shm for workers on the driver's node, the object store for the others); rollout/weight_sync.py.
+    weight_transport: str = "auto"
+
+    @classmethod
+    def of(cls, engine: EngineConfig | dict[str, Any] | None) -> EngineConfig:
+        """An EngineConfig from itself, a dict or an omegaconf section; unknown keys are an error naming them."""
+        if isinstance(engine, cls):
+            return engine
+        values = dict(engine or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown engine settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
