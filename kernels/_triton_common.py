@@ -1,4 +1,4 @@
-"""Shared pieces of keel's Triton kernels: the interpreter switch and one matmul helper.
+"""Shared pieces of keel's Triton kernels: the interpreter switch, the target, one matmul helper.
 
 Triton decides at decoration time whether `@triton.jit` functions run compiled (GPU) or in the numpy
 interpreter (`TRITON_INTERPRET=1`, how CI tests the kernels on CPU), so the flag is read at import.
@@ -16,9 +16,17 @@ import triton.language as tl
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """Whether the Triton path can take these tensors: CUDA tensors, or any tensor under the interpreter."""
-    return INTERPRET or all(t.is_cuda for t in tensors)
+#: The target the tile choices are made for when the tensors are not on a GPU (the interpreter; the compile
+#: report's meta tensors, which sets it per target): compute capability x 10, 90 = Hopper, 100 = Blackwell.
+TARGET_ARCH: int = 90
+
+
+def target_arch(device: torch.device) -> int:
+    """Compute capability x 10 of the GPU a launch on `device` runs on (TARGET_ARCH off the GPU)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return TARGET_ARCH
 
 
 def pow2(n: int, minimum: int = 16) -> int:

@@ -202,11 +202,21 @@ def _indexer_bwd_dk_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
+#: The forward: 4 warps and 3 stages of key tiles compile to 252 registers without spills, 112 KB of shared
+#: memory (bf16), at full size; the logits tile is reduced over heads, never fed to a second dot.
+FORWARD_LAUNCH = dict(num_warps=4, num_stages=3)
+#: The backward kernels hold the logits, the repeated gradient rows and an fp32 dq (or dk) tile at once:
+#: with 4 warps both spill inside their loops (compile report: 6 and 72 local loads per block); 8 warps
+#: halve each thread's share (164-214 registers, no spills; 88 and 129 KB of shared memory).
+BACKWARD_LAUNCH = dict(num_warps=8, num_stages=3)
+
+
 def _blocks(t_len: int, n_heads: int, dim: int) -> tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_H, BLOCK_S, BLOCK_D): about 128 (query, head) rows per MMA, 64 keys per tile.
 
     Decode (T = 1) puts only heads on the M side. BLOCK_H may exceed H (masked rows) so that M >= 16.
-    Untuned: chosen for H100-sized register files, pending a GPU session.
+    At full size (64 heads x 128) that is 16 queries x 8 heads: M = 128, one warp-group MMA per 64 rows
+    (compile report, bench/kernel_report.py). Warps and stages: FORWARD_LAUNCH and BACKWARD_LAUNCH.
     """
     block_t = 1 if t_len == 1 else min(16, triton.next_power_of_2(t_len))
     block_h = min(triton.next_power_of_2(n_heads), max(1, 128 // block_t))
@@ -238,7 +248,7 @@ def _launch_forward(
         out.stride(0), out.stride(1),
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d,
         HAS_KSCALE=k_scale is not None, INTERP=INTERPRET, IEEE=q.dtype == torch.float32,
-        num_warps=4,
+        **FORWARD_LAUNCH,
     )
     return out
 
@@ -257,7 +267,7 @@ def _launch_backward(
     block_t, block_h, block_s, block_d = _blocks(t_len, n_heads, dim)
     common = dict(
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d,
-        INTERP=INTERPRET, IEEE=q.dtype == torch.float32, num_warps=4,
+        INTERP=INTERPRET, IEEE=q.dtype == torch.float32, **BACKWARD_LAUNCH,
     )
     strides = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
@@ -351,8 +361,3 @@ def indexer_scores_fp8_triton(
 ) -> torch.Tensor:
     """FP8 indexer scores (forward only: the FP8 path serves inference; training uses bf16)."""
     return _launch_forward(q_fp8, k_fp8, w_folded.float(), k_scale.float())
-
-
-def indexer_scores_fp8(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Quantise (Hadamard + e4m3) then score; approximates `indexer_scores(q, k, w)` to FP8 accuracy."""
-    return indexer_scores_fp8_triton(*quantize_indexer_fp8(q, k, w))

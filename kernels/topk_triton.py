@@ -55,7 +55,9 @@ def _topk_kernel(
     prefix = tl.zeros((), dtype=tl.uint32)  # the top bits of theta fixed so far
     need = tl.zeros((), dtype=tl.int32)  # rank of theta among the keys matching `prefix`
     for p in tl.static_range(32 // RADIX_BITS):
-        shift: tl.constexpr = 32 - RADIX_BITS * (p + 1)
+        # p is a compile-time constant here, so shift is one too (a constexpr annotation would be a
+        # reassignment on the next unrolled pass, which the compiler refuses).
+        shift = 32 - RADIX_BITS * (p + 1)
         hist = tl.zeros((n_bins,), dtype=tl.int32)
         for s0 in range(0, S, BLOCK):
             offs = s0 + tl.arange(0, BLOCK)

@@ -78,8 +78,10 @@ def failure_reason(result: SandboxResult) -> str | None:
     return None
 
 
-def run_stdin_test(program: str, test: dict, limits: SandboxLimits, isolation: str | None) -> TestOutcome:
-    result = run_in_sandbox(program, stdin=test.get("input", ""), limits=limits, isolation=isolation)
+def run_stdin_test(program: str, test: dict, limits: SandboxLimits, isolation: str | None,
+                   allow_weak: bool = False) -> TestOutcome:
+    result = run_in_sandbox(program, stdin=test.get("input", ""), limits=limits, isolation=isolation,
+                            allow_weak=allow_weak)
     reason = failure_reason(result)
     if reason:
         return TestOutcome(False, reason)
@@ -88,13 +90,14 @@ def run_stdin_test(program: str, test: dict, limits: SandboxLimits, isolation: s
     return TestOutcome(True)
 
 
-def run_call_test(program: str, test: dict, limits: SandboxLimits, isolation: str | None) -> TestOutcome:
+def run_call_test(program: str, test: dict, limits: SandboxLimits, isolation: str | None,
+                  allow_weak: bool = False) -> TestOutcome:
     # A fresh random marker per run: the result line is the last line that starts with it.
     marker = f"@keel-result-{secrets.token_hex(8)}@"
     harness = _CALL_HARNESS.format(program=program, fn_name=test["fn_name"], marker=marker,
                                    args=json.dumps(test.get("args", [])),
                                    kwargs=json.dumps(test.get("kwargs", {})))
-    result = run_in_sandbox(harness, limits=limits, isolation=isolation)
+    result = run_in_sandbox(harness, limits=limits, isolation=isolation, allow_weak=allow_weak)
     reason = failure_reason(result)
     if reason:
         return TestOutcome(False, reason)
@@ -110,11 +113,12 @@ def run_call_test(program: str, test: dict, limits: SandboxLimits, isolation: st
     return TestOutcome(True)
 
 
-def run_test(program: str, test: dict, limits: SandboxLimits, isolation: str | None = None) -> TestOutcome:
+def run_test(program: str, test: dict, limits: SandboxLimits, isolation: str | None = None,
+             allow_weak: bool = False) -> TestOutcome:
     """Run one test of either style."""
     if "fn_name" in test:
-        return run_call_test(program, test, limits, isolation)
-    return run_stdin_test(program, test, limits, isolation)
+        return run_call_test(program, test, limits, isolation, allow_weak)
+    return run_stdin_test(program, test, limits, isolation, allow_weak)
 
 
 def code_tests_reward(
@@ -125,12 +129,14 @@ def code_tests_reward(
     memory_mb: int = 256,
     max_processes: int = 16,
     isolation: str | None = None,
+    allow_weak: bool = False,
 ) -> RewardResult:
     """Fraction of sample["tests"] passed ("fraction"), or 1.0 iff all pass ("all_pass").
 
     Each test runs in its own sandbox with a wall-time limit of `time_limit_s` (default
     sample["time_limit_s"], else 2 s); `isolation` picks the sandbox mode (default: strongest
-    available). The reason names how many passed and the first failure.
+    available) and `allow_weak` accepts the weak plain mode where nothing stronger works (else the
+    sandbox refuses, see rewards/SECURITY.md). The reason names how many passed and the first failure.
     """
     if mode not in ("fraction", "all_pass"):
         raise ValueError(f"mode must be 'fraction' or 'all_pass', not {mode!r}")
@@ -144,7 +150,7 @@ def code_tests_reward(
     program = extract_program(response)
     passed, first_failure = 0, ""
     for index, test in enumerate(tests):
-        outcome = run_test(program, test, limits, isolation)
+        outcome = run_test(program, test, limits, isolation, allow_weak)
         passed += outcome.passed
         if not outcome.passed and not first_failure:
             first_failure = f"test {index}: {outcome.reason}"

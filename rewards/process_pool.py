@@ -3,14 +3,19 @@
 Rule: at most `max_concurrency` jobs run at once, one per worker process. A job's deadline
 starts when it is handed to an idle worker that has already started and imported the rewards'
 modules, so start-up does not count against it. A worker whose job passes its deadline is
-killed (SIGKILL: a reward stuck in C code ignores anything gentler) and replaced. Workers are
-started with "spawn": forking a process that holds threads (Ray, torch) can deadlock the child.
+stopped and replaced: SIGTERM first, which a worker turns into SystemExit so that a sandboxed
+run it waits for is killed and reaped (a SIGKILLed worker would leave that run's init a zombie
+of pid 1), then SIGKILL after KILL_GRACE_S (a reward stuck in C code ignores anything gentler).
+Workers are started with "spawn": forking a process that holds threads (Ray, torch) can
+deadlock the child.
 """
 
 from __future__ import annotations
 
 import importlib
 import multiprocessing
+import signal
+import sys
 import time
 from multiprocessing.connection import Connection, wait
 
@@ -18,10 +23,16 @@ from rewards.evaluation import ScoringJob, evaluate_job, timeout_result
 from rewards.registry import RewardResult
 
 WORKER_START_TIMEOUT_S = 300.0
+KILL_GRACE_S = 0.5
+
+
+def exit_on_sigterm(signum: int, frame: object) -> None:
+    sys.exit(128 + signum)  # unwinds the job, running its clean-up (finally blocks)
 
 
 def worker_main(conn: Connection, preload: list[str]) -> None:
     """Import `preload`, say "ready", then evaluate jobs until told to stop (None)."""
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     for module in preload:
         importlib.import_module(module)
     conn.send("ready")
@@ -53,8 +64,12 @@ class Worker:
             raise RuntimeError(f"scoring worker did not start (exit code {self.process.exitcode})")
 
     def kill(self) -> None:
-        self.process.kill()
-        self.process.join()
+        """Stop the worker now; see the module rule."""
+        self.process.terminate()
+        self.process.join(timeout=KILL_GRACE_S)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
         self.conn.close()
 
     def stop(self) -> None:
