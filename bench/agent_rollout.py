@@ -53,9 +53,10 @@ def main() -> None:
 
     from rl.model.tokenizer import CharTokenizer
     from rollout.agent.environments import generate_environments
-    from rollout.agent.loop import run_episodes, stop_token_ids
+    from rollout.agent.loop import run_episodes
     from rollout.agent.messages import Message
     from rollout.agent.template import CompactTemplate
+    from rollout.agent.tokens import stop_token_ids
     from rollout.client import RolloutClient
 
     tokenizer, template = CharTokenizer(), CompactTemplate()

@@ -1,6 +1,8 @@
-"""Rollout throughput: raw vLLM generate vs a keel worker capturing routing and sampling masks.
+"""Rollout throughput: raw vLLM generate vs a keel worker capturing routing and sampling masks; DSA served
+sparse vs the dense view; the cost of indexer-selection capture.
 
     python bench/rollout_throughput.py [--prompts 32] [--group 4] [--max-tokens 40] [--repeats 5] [--skip-small]
+    python bench/rollout_throughput.py --sparse [--index-topk 16] [--prompt-len 48] [--max-tokens 40]
 
 Prints, on the tiny preset, generated tokens/s of plain `LLM.generate` and of `RolloutWorker.generate`
 (routing capture and Keep-Sampling-Mask on) over the same prompts and sampling settings, and their
@@ -64,9 +66,8 @@ def raw_round(worker, prompts: list[list[int]], sampling: dict) -> tuple[int, fl
 
 def keel_round(worker, prompts: list[list[int]], sampling: dict) -> tuple[int, float]:
     """(generated tokens, seconds) of `RolloutWorker.generate` with routing and kept-set capture."""
-    indices = list(range(len(prompts)))
     t0 = time.perf_counter()
-    batch = worker.generate(prompts, indices, sampling, 0)
+    batch = worker.generate(prompts, sampling, 0)
     seconds = time.perf_counter() - t0
     assert batch.column("routed_experts").null_count == 0 and batch.column("sampling_mask").null_count == 0
     return sum(len(r) for r in batch.column("response_ids").to_pylist()), seconds
@@ -120,6 +121,66 @@ def report_updates(name: str, worker, checkpoint: str) -> None:
               f"load {load_s:.3f}s")
 
 
+def sparse_report(args: argparse.Namespace, root: str) -> None:
+    """Tokens/s of keel's sparse serving against vLLM's dense MLA view over the same weights and lengths (the
+    view: the checkpoint with index_topk = max_model_len), and sparse serving with and without indexer capture
+    (ABBA pairs on one engine)."""
+    import json
+
+    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+
+    from rl.model.presets import preset
+    from rollout.worker import RolloutWorker
+
+    max_len = args.prompt_len + args.max_tokens + 1
+    sparse_dir, dense_dir = os.path.join(root, "dsa"), os.path.join(root, "dense")
+    torch.manual_seed(0)
+    model = DeepseekV32ForCausalLM(DeepseekV32Config(**preset("tiny", index_topk=args.index_topk)))
+    model.save_pretrained(sparse_dir)
+    model.save_pretrained(dense_dir)
+    cfg = json.loads(open(os.path.join(dense_dir, "config.json")).read())
+    cfg["index_topk"] = max_len
+    open(os.path.join(dense_dir, "config.json"), "w").write(json.dumps(cfg))
+    g = torch.Generator().manual_seed(0)
+    prompts = [[1, *torch.randint(3, 60, (args.prompt_len,), generator=g).tolist()] for _ in range(args.prompts)]
+    sampling = dict(n=args.group, temperature=1.0, top_k=16, top_p=1.0, max_tokens=args.max_tokens,
+                    stop_token_ids=[])
+    engine = dict(ENGINE, max_model_len=max_len, max_num_seqs=args.prompts * args.group)
+
+    def rate(worker, rounds: int) -> float:
+        keel_round(worker, prompts, sampling)  # warm-up
+        tokens = seconds = 0.0
+        for _ in range(rounds):
+            n, s = keel_round(worker, prompts, sampling)
+            tokens, seconds = tokens + n, seconds + s
+        return tokens / seconds
+
+    worker = RolloutWorker(dense_dir, engine)
+    assert not worker.sparse
+    dense = rate(worker, args.repeats)
+    shutdown(worker)
+    worker = RolloutWorker(sparse_dir, engine)
+    assert worker.sparse and worker.capture_index
+    totals = {True: [0.0, 0.0], False: [0.0, 0.0]}
+    keel_round(worker, prompts, sampling)
+    for r in range(args.repeats):
+        for on in ((True, False) if r % 2 == 0 else (False, True)):
+            worker.capture_index = on
+            worker.llm.collective_rpc("keel_set_index_capture", args=(on,))
+            n, s = keel_round(worker, prompts, sampling)
+            totals[on][0] += n
+            totals[on][1] += s
+    shutdown(worker)
+    with_capture, without = (totals[on][0] / totals[on][1] for on in (True, False))
+    print(f"\nDSA tiny, index_topk {args.index_topk}: {args.prompts} prompts of {args.prompt_len + 1} tokens x "
+          f"G={args.group}, {args.max_tokens} new tokens (sequences {max_len - 1} tokens, "
+          f"{(max_len - 1) / args.index_topk:.1f}x index_topk)")
+    print(f"dense view (vLLM MLA)              {dense:10.0f} tokens/s")
+    print(f"keel sparse serving, no capture    {without:10.0f} tokens/s  ({without / dense:.2f}x dense)")
+    print(f"keel sparse serving, with capture  {with_capture:10.0f} tokens/s  "
+          f"(capture costs {100 * (1 - with_capture / without):.1f}%)")
+
+
 def shutdown(worker) -> None:
     worker.shutdown()
     del worker
@@ -133,10 +194,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=6, help="raw/keel pairs of rounds")
     parser.add_argument("--skip-small", action="store_true", help="skip the ~100M-parameter weight update")
+    parser.add_argument("--sparse", action="store_true", help="DSA: sparse serving vs dense view, capture cost")
+    parser.add_argument("--index-topk", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=48)
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="keel-bench-")
     try:
-        run(args, root)
+        sparse_report(args, root) if args.sparse else run(args, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 
-from rewards.registry import RewardResult
+from rewards.registry import RewardResult, pure_reward
 
 
+@pure_reward
 def format_reward(response: str, sample: dict, think_tag: str = "think",
                   answer_tag: str | None = None) -> RewardResult:
     """1.0 when the response is one non-empty <think>...</think> block followed by a non-empty answer.
@@ -40,6 +41,7 @@ def overlong_penalty(length: int, max_length: int, buffer: int) -> float:
     return (max_length - buffer - length) / buffer
 
 
+@pure_reward
 def length_penalty_reward(response: str, sample: dict, max_length: int = 4096, buffer: int = 1024,
                           unit: str = "chars") -> float:
     """`overlong_penalty` of the response length, counted in "chars" or whitespace "words"."""

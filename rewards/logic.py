@@ -16,7 +16,7 @@ import random
 import re
 
 from rewards.answers import after_answer_marker, last_answer_tag, last_boxed, last_number
-from rewards.registry import RewardResult
+from rewards.registry import RewardResult, pure_reward
 
 NAMES = ("Ana", "Ben", "Cai", "Dev", "Eva", "Fay")
 KINDS = ("chain", "sort", "order")
@@ -142,6 +142,7 @@ def logic_answer_correct(kind: str, gold: str, answer: str) -> bool:
     return said == [n.lower() for n in gold.split()]
 
 
+@pure_reward
 def logic_reward(response: str, sample: dict) -> RewardResult:
     """1.0 when the response's final answer solves the puzzle in `sample`."""
     answer = final_answer_text(response)

@@ -15,7 +15,7 @@ from fractions import Fraction
 from math_verify import parse, verify
 
 from rewards.answers import extract_final_answer
-from rewards.registry import RewardResult
+from rewards.registry import RewardResult, pure_reward
 
 _NUMERIC = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?")
 
@@ -52,6 +52,7 @@ def normalize_answer(answer: str) -> str:
     return text
 
 
+@pure_reward
 def exact_match_reward(response: str, sample: dict) -> RewardResult:
     """1.0 when the extracted final answer equals sample["answer"] after `normalize_answer`."""
     predicted = extract_final_answer(response)

@@ -3,16 +3,21 @@
 Rule: for each response i, score_i = sum_j weight_j * reward_j(response_i, sample_i, **kwargs_j).
 A reward that raises, returns a non-number or passes `timeout_s` contributes 0; the combined
 reason lists "<name>: <why>" for every reward that explains its score (failures included) and
-is "" when none does. Jobs (one per response and reward) run as Ray tasks or in local worker
-processes, at most `max_concurrency` at once, each under a hard, process-level deadline.
+is "" when none does.
+
+Where each (response, reward) job runs: a pure reward (rewards.registry: `pure_reward`, e.g. exact_match,
+format) runs in this process, one plain call per job, since a string comparison costs microseconds and a Ray
+task per sample costs milliseconds; its failures are caught the same way. Every other reward (math_verify,
+code_tests, user rewards unless registered pure) runs as Ray tasks or in local worker processes, one job per
+worker call, at most `max_concurrency` at once, each under a hard, process-level deadline.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rewards.evaluation import ScoringJob
-from rewards.registry import RewardResult, get_reward
+from rewards.evaluation import ScoringJob, evaluate_job
+from rewards.registry import RewardResult, get_reward, is_pure_reward
 
 
 @dataclass(frozen=True)
@@ -49,16 +54,20 @@ def score_responses(
     if max_concurrency < 1:
         raise ValueError("max_concurrency must be at least 1")
     rewards = [get_reward(spec.name) for spec in specs]
+    pure = [is_pure_reward(reward) for reward in rewards]
     jobs = [ScoringJob(reward, response, sample, dict(spec.kwargs))
             for response, sample in zip(responses, samples, strict=True)
             for spec, reward in zip(specs, rewards, strict=True)]
-    if use_ray:
-        from rewards.ray_pool import run_jobs_with_ray
-
-        results = run_jobs_with_ray(jobs, timeout_s, max_concurrency)
-    else:
-        from rewards.process_pool import run_jobs_in_processes
-
-        results = run_jobs_in_processes(jobs, timeout_s, max_concurrency)
     n = len(specs)
+    # Pure rewards here, in order; the others in workers under their deadlines.
+    results: list[RewardResult | None] = [evaluate_job(job) if pure[k % n] else None for k, job in enumerate(jobs)]
+    isolated = [k for k in range(len(jobs)) if not pure[k % n]]
+    if isolated:
+        if use_ray:
+            from rewards.ray_pool import run_jobs_with_ray as run_jobs
+        else:
+            from rewards.process_pool import run_jobs_in_processes as run_jobs
+        for k, result in zip(isolated, run_jobs([jobs[k] for k in isolated], timeout_s, max_concurrency),
+                             strict=True):
+            results[k] = result
     return [combine(specs, results[i * n:(i + 1) * n]) for i in range(len(responses))]

@@ -6,16 +6,20 @@ restarts it (from the original checkpoint), the client pushes it the latest weig
 re-issues its share. A share's result arrives whole or not at all, so every sample is returned
 exactly once.
 
-Weights (CPU): `update_weights` publishes each version once and sends every worker a handle. The
-`weight_transport` engine setting picks how the bytes travel (`rollout.weight_sync.plan_transport`): a
-/dev/shm file for workers on the driver's Ray node, Ray's object store for workers elsewhere ("auto",
+Weights (CPU): the publisher (trainer rank 0) serializes each version once and the client sends every
+worker its handle (`load_weights`); the bytes never pass through this process. The `weight_transport`
+engine setting picks how the bytes travel (`transport_plan(publisher_node)`, `rollout.weight_sync`): a
+/dev/shm file for workers on the publisher's Ray node, Ray's object store for workers elsewhere ("auto",
 the default), the file only ("shm") or the object store only ("object_store"). Worker nodes are asked
-once at start-up and again when a worker restarts (it may come back on another node).
+once at start-up and again when a worker restarts (it may come back on another node, and then gets the
+latest handle with a blob added). `update_weights(tensors, version)` publishes from this process instead
+(tests and benchmarks); `load_checkpoint` points the workers at a keel checkpoint's own file (recipes).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -54,44 +58,81 @@ class RolloutClient:
         self.workers = [actor.remote(checkpoint_dir, self.engine) for _ in range(num_workers)]
         self.cuda = cuda
         self.version = 0
-        self.handle: weight_sync.WeightHandle | None = None  # latest published weights (CPU)
+        self.handle: weight_sync.WeightHandle | None = None  # latest weights the workers loaded (CPU)
+        self.published: weight_sync.WeightHandle | None = None  # the latest version update_weights published here
         self.reissued = 0  # shares re-run after a worker died
-        self.last_update: list[dict] = []  # per worker: what its latest update_weights loaded, and from where
-        self.driver_node = ray.get_runtime_context().get_node_id()
+        self.last_update: list[dict] = []  # per worker: what its latest weight load read, and from where
         self.worker_nodes = [s["node_id"] for s in ray.get([w.ping.remote() for w in self.workers])]
 
-    def generate(self, prompts: list[list[int]], sampling: dict, policy_version: int) -> pa.RecordBatch:
-        """G = sampling["n"] rows per prompt, in prompt order; prompt_index = position in `prompts`."""
+    def generate(
+        self, prompts: list[list[int]], sampling: dict, policy_version: int, prompt_indices: list[int] | None = None
+    ) -> pa.RecordBatch:
+        """G = sampling["n"] rows per prompt, in prompt order; the signature is RolloutWorker.generate's.
+
+        prompt_indices: each prompt's `prompt_index` (its GRPO group; it also seeds its samples), default its
+        position in `prompts`.
+        """
         s = check_sampling(sampling, self.facts.vocab_size, self.engine.max_logprobs, kept_from_engine=not self.cuda)
         for p in prompts:
             serving.check_request(p, s["max_tokens"], self.facts, self.engine.max_model_len, self.cuda)
+        indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)
+        if len(indices) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(indices)} prompt_indices")
         shares = [a.tolist() for a in np.array_split(np.arange(len(prompts)), len(self.workers)) if len(a)]
         calls = [
-            (i, "generate", ([prompts[j] for j in idx], idx, sampling, policy_version))
+            (i, "generate", ([prompts[j] for j in idx], sampling, policy_version, [indices[j] for j in idx]))
             for i, idx in enumerate(shares)
         ]
         batches = self._run(calls)
         return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
 
+    def transport_plan(self, publisher_node: str | None) -> tuple[bool, bool]:
+        """(file, blob) a publisher on `publisher_node` should write for this client's workers."""
+        return weight_sync.plan_transport(self.weight_transport, publisher_node, self.worker_nodes)
+
+    def load_weights(self, handle: weight_sync.WeightHandle) -> None:
+        """Every worker loads a published version (`handle.version`); returns when all have.
+
+        A handle without a blob gets one (made on the publisher's node) when some worker cannot see its file.
+        """
+        self._check_cpu()
+        weight_sync.check_weights(handle.shapes, self.expected_weights)
+        self.handle, self.version = self._reachable(handle), handle.version
+        self.last_update = self._run([(i, "update_weights", None) for i in range(len(self.workers))])
+
     def update_weights(self, named_tensors: dict[str, torch.Tensor], version: int) -> None:
-        """Push the trainer's tensors (HF deepseek_v32 names) to every worker; returns when all loaded it."""
+        """Publish tensors (HF deepseek_v32 names) from this process and load them into every worker (tests
+        and benchmarks; a training run's weights are published by trainer rank 0 and loaded with
+        `load_weights`). The version published before is released once this one is loaded."""
+        self._check_cpu()
+        weight_sync.check_weights({n: tuple(t.shape) for n, t in named_tensors.items()}, self.expected_weights)
+        node = weight_sync.current_node()
+        file, blob = self.transport_plan(node)
+        previous, self.published = self.published, weight_sync.publish_weights(
+            named_tensors, version, file=file, blob=blob, node=node)
+        try:
+            self.load_weights(self.published)
+        finally:
+            if previous is not None:
+                weight_sync.release_weights(previous)
+            del previous  # the old version's object-store ref (if any) goes with it
+
+    def load_checkpoint(self, checkpoint_dir: str | Path, version: int) -> None:
+        """Every worker loads a keel checkpoint's weights, read from its model.safetensors in place (this
+        node's, or through the object store on another node; `weight_sync.checkpoint_handle`)."""
+        self.load_weights(weight_sync.checkpoint_handle(checkpoint_dir, version, node=weight_sync.current_node()))
+
+    def _check_cpu(self) -> None:
         if self.cuda:
             raise NotImplementedError(
                 "on CUDA, drive weight_sync_client() with vLLM's NCCLTrainerWeightTransferEngine from "
                 "trainer rank 0 (untested in keel)"
             )
-        shapes = {n: tuple(t.shape) for n, t in named_tensors.items()}
-        weight_sync.check_weights(shapes, self.expected_weights)
-        file, blob = weight_sync.plan_transport(self.weight_transport, self.driver_node, self.worker_nodes)
-        handle = weight_sync.publish_weights(named_tensors, version, file=file, blob=blob)
-        previous, self.handle, self.version = self.handle, handle, version
-        del handle  # self.handle may gain a blob if a worker restarts on another node (`_recover`)
-        try:
-            self.last_update = self._run([(i, "update_weights", None) for i in range(len(self.workers))])
-        finally:
-            if previous is not None:
-                weight_sync.release_weights(previous)
-            del previous  # the old version's object-store ref (if any) goes with it
+
+    def _reachable(self, handle: weight_sync.WeightHandle) -> weight_sync.WeightHandle:
+        """The handle, with a blob attached when the plan for its publisher's node wants one it lacks."""
+        _, blob = self.transport_plan(handle.node)
+        return weight_sync.attach_blob(handle) if blob and handle.blob is None else handle
 
     def weight_sync_client(self) -> WorkerWeightSyncClient:
         """CUDA: the `VLLMWeightSyncClient` that vLLM's trainer-side NCCL engine drives."""
@@ -107,9 +148,10 @@ class RolloutClient:
         for w in self.workers:
             ray.kill(w, no_restart=True)
         self.workers = []
-        if self.handle is not None:
-            weight_sync.release_weights(self.handle)
-            self.handle = None  # drops the object-store ref too
+        self.handle = None  # drops the object-store ref too
+        if self.published is not None:
+            weight_sync.release_weights(self.published)
+            self.published = None
 
     def _run(self, calls: list[tuple[int, str, tuple | None]]) -> list:
         """Run (worker, method, args) calls; results in call order; re-issue calls whose worker died.
@@ -153,10 +195,8 @@ class RolloutClient:
         self.worker_nodes[worker] = state["node_id"]
         if self.handle is None or state["version"] == self.version:
             return None
-        _, blob = weight_sync.plan_transport(self.weight_transport, self.driver_node, self.worker_nodes)
-        if blob and self.handle.blob is None:
-            # Restarted on another node than the driver's: the /dev/shm file is out of its reach.
-            self.handle = weight_sync.attach_blob(self.handle)
+        # Restarted on another node than the publisher's: the /dev/shm file is out of its reach.
+        self.handle = self._reachable(self.handle)
         result = ray.get(self.workers[worker].update_weights.remote(self.handle, self.version))
         if worker < len(self.last_update):
             self.last_update[worker] = result

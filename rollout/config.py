@@ -22,6 +22,9 @@ class EngineConfig:
     # CPU weight sync: shm (a file in /dev/shm, one node), object_store (Ray's object store, any node), or auto
     # (shm for workers on the driver's node, the object store for the others); rollout/weight_sync.py.
     weight_transport: str = "auto"
+    # Record each DSA layer's top-k selections per token into the batch (`indexer_topk`), for Keep Indexer
+    # Selection (grpo.keep_indexer_selection) and the indexer_agreement metric; CPU sparse serving only.
+    capture_indexer: bool = True
 
     @classmethod
     def of(cls, engine: EngineConfig | dict[str, Any] | None) -> EngineConfig:

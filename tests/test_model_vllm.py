@@ -38,7 +38,7 @@ def test_vllm_samples_from_keels_distribution(served):
     model, worker = served
     prompts = [[1, 5, 9, 14, 3], [1, 20, 21], [1, 7, 7, 7, 7, 7, 30, 31, 32]]
     sampling = dict(n=3, temperature=0.9, top_k=6, top_p=0.95, max_tokens=12, seed=123)
-    batch = worker.generate(prompts, list(range(len(prompts))), sampling, policy_version=0)
+    batch = worker.generate(prompts, sampling, policy_version=0)
     worst_logp, routed, agree = 0.0, 0, 0
     for row in batch.to_pylist():
         seq = row["prompt_ids"] + row["response_ids"]

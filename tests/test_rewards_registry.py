@@ -2,7 +2,16 @@
 
 import pytest
 
-from rewards.registry import RewardResult, available_rewards, get_reward, import_from_path, register_reward
+from rewards.registry import (
+    BUILTIN_REWARDS,
+    PURE_BUILTINS,
+    RewardResult,
+    available_rewards,
+    get_reward,
+    import_from_path,
+    is_pure_reward,
+    register_reward,
+)
 
 
 def test_every_builtin_name_resolves_to_a_working_reward():
@@ -34,3 +43,19 @@ def test_unknown_rewards_fail_with_the_known_names():
         get_reward("no_such_module.fn")
     with pytest.raises(TypeError):
         get_reward("rewards.registry:BUILTIN_REWARDS")
+
+
+def test_pure_marks_match_the_registry():
+    assert {name for name in BUILTIN_REWARDS if is_pure_reward(get_reward(name))} == PURE_BUILTINS
+    assert not is_pure_reward(get_reward("math_verify")) and not is_pure_reward(get_reward("code_tests"))
+
+    @register_reward("test_registry_pure_half", pure=True)
+    def pure_half(response: str, sample: dict) -> float:
+        return 0.5
+
+    @register_reward("test_registry_user_half")
+    def user_half(response: str, sample: dict) -> float:
+        return 0.5
+
+    assert is_pure_reward(get_reward("test_registry_pure_half"))
+    assert not is_pure_reward(get_reward("test_registry_user_half"))  # user rewards keep their worker by default

@@ -1,11 +1,13 @@
-"""score_responses: weighted sums, and a raising or overrunning reward costing one sample only."""
+"""score_responses: weighted sums, and a raising or overrunning reward costing one sample only; pure rewards in
+process, the others in workers."""
 
+import os
 import time
 
 import pytest
 
 from rewards.math import generate_arithmetic
-from rewards.registry import RewardResult
+from rewards.registry import RewardResult, pure_reward
 from rewards.scoring import RewardSpec, combine, score_responses
 
 
@@ -55,6 +57,44 @@ def test_local_scoring_survives_raising_and_hanging_rewards():
     assert results[1].reason == f"{__name__}:picky_reward: raised ValueError: cannot score boom"
     assert "non-finite" in results[2].reason
     assert results[3].reason == f"{__name__}:sleepy_reward: timeout after 1s"
+
+
+def pid_reward(response: str, sample: dict) -> RewardResult:
+    """The scoring process's pid, as the reason."""
+    return RewardResult(1.0, str(os.getpid()))
+
+
+@pure_reward
+def pure_pid_reward(response: str, sample: dict) -> RewardResult:
+    if response == "boom":
+        raise ValueError("cannot score boom")
+    return RewardResult(1.0, str(os.getpid()))
+
+
+def test_pure_rewards_run_in_process_and_the_others_in_workers():
+    specs = [RewardSpec(f"{__name__}:pure_pid_reward"), RewardSpec(f"{__name__}:pid_reward", 0.5)]
+    results = score_responses(["a", "boom", "b"], [{}] * 3, specs, timeout_s=30.0, use_ray=False)
+    assert [r.score for r in results] == [1.5, 0.5, 1.5]
+    pure_pids = {r.reason.split("; ")[0].split(": ")[1] for r in (results[0], results[2])}
+    worker_pids = {r.reason.split("; ")[-1].split(": ")[1] for r in results}
+    assert pure_pids == {str(os.getpid())}
+    assert str(os.getpid()) not in worker_pids
+    assert results[1].reason.startswith(f"{__name__}:pure_pid_reward: raised ValueError: cannot score boom")
+
+
+def test_pure_rewards_alone_start_no_worker(monkeypatch):
+    import rewards.process_pool
+    import rewards.ray_pool
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("a pure reward was sent to a worker")
+
+    monkeypatch.setattr(rewards.ray_pool, "run_jobs_with_ray", no_workers)
+    monkeypatch.setattr(rewards.process_pool, "run_jobs_in_processes", no_workers)
+    rows = generate_arithmetic(256, seed=1)
+    responses = [row["answer"] if i % 2 else "x" for i, row in enumerate(rows)]
+    results = score_responses(responses, rows, [RewardSpec("exact_match"), RewardSpec("format", 0.0)], use_ray=True)
+    assert [r.components["exact_match"] for r in results] == [float(i % 2) for i in range(256)]
 
 
 def test_mismatched_inputs_are_rejected():

@@ -126,10 +126,13 @@ def batch(client):
 
 
 def test_fields_shapes_and_dtypes(batch, client, tmp_path):
-    from rl.algo.batch import rollout_schema, routing_of
+    from rl.algo.batch import check_batch, rollout_schema, routing_of
 
     facts = client.facts
-    assert batch.schema == rollout_schema(facts.moe_layers, facts.top_k, facts.n_routed_experts)
+    check_batch(batch)  # the worker's output keeps the RolloutBatch contract
+    assert batch.schema == rollout_schema(facts.moe_layers, facts.top_k, facts.n_routed_experts, facts.dsa_layers,
+                                          facts.index_topk, ENGINE["max_model_len"])
+    assert batch.column("indexer_topk").null_count == batch.num_rows  # within index_topk: dense, nothing recorded
     assert batch.num_rows == len(PROMPTS) * G
     rows = batch.to_pylist()
     assert [r["prompt_index"] for r in rows] == [i for i in range(len(PROMPTS)) for _ in range(G)]
@@ -221,7 +224,7 @@ def test_bad_prompts_are_refused(client, prompt, match):
     with pytest.raises(ValueError, match=match):
         client.generate([prompt], dict(max_tokens=8), 0)
     with pytest.raises(ValueError, match=match):  # the worker checks too, not only the client
-        ray.get(client.workers[0].generate.remote([prompt], [0], dict(max_tokens=8), 0))
+        ray.get(client.workers[0].generate.remote([prompt], dict(max_tokens=8), 0))
 
 
 def test_bad_weight_updates_are_refused(client, checkpoint):

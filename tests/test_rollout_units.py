@@ -123,14 +123,16 @@ def test_views_of_dead_processes_are_swept(checkpoint, tmp_path):
     view.cleanup()
 
 
-def test_cpu_requests_longer_than_index_topk_are_refused(checkpoint):
+def test_requests_past_index_topk_are_served_up_to_max_model_len(checkpoint):
+    """CPU engines serve DSA sparse past index_topk (rollout.sparse_serving): only max_model_len limits."""
     facts = serving.model_facts(checkpoint)
-    serving.check_request([1] * 32, 32, facts, 512, cuda=False)
-    with pytest.raises(ValueError, match="index_topk"):
-        serving.check_request([1] * 32, 33, facts, 512, cuda=False)
-    serving.check_request([1] * 32, 33, facts, 512, cuda=True)  # native DSA on CUDA
-    with pytest.raises(ValueError, match="max_model_len"):
-        serving.check_request([1] * 32, 33, facts, 64, cuda=True)
+    for cuda in (False, True):
+        serving.check_request([1] * 32, 33, facts, 512, cuda=cuda)  # past index_topk (64)
+        with pytest.raises(ValueError, match="max_model_len"):
+            serving.check_request([1] * 32, 33, facts, 64, cuda=cuda)
+    assert serving.serves_sparse(facts, 512, cuda=False)
+    assert not serving.serves_sparse(facts, 64, cuda=False)  # index_topk >= max_model_len: dense MLA is exact
+    assert not serving.serves_sparse(facts, 512, cuda=True)  # vLLM's native DSA
 
 
 def test_published_weights_round_trip_and_are_checked(checkpoint, tmp_path):
@@ -166,6 +168,32 @@ def test_published_weights_round_trip_and_are_checked(checkpoint, tmp_path):
 )
 def test_weight_transport_plan(setting, workers, plan):
     assert weight_sync.plan_transport(setting, "a", workers) == plan
+
+
+def test_the_client_plans_transport_from_the_publishers_node(monkeypatch):
+    """Trainer rank 0 publishes, so the plan compares the workers' nodes with rank 0's (not the driver's); a
+    worker that moved off the publisher's node gets the handle with a blob attached."""
+    import dataclasses
+
+    from rollout.client import RolloutClient
+
+    client = object.__new__(RolloutClient)  # no engines: only the planning state
+    client.weight_transport, client.worker_nodes = "auto", ["a", "a"]
+    assert client.transport_plan("a") == (True, False)
+    assert client.transport_plan("trainer-node") == (False, True)
+    handle = weight_sync.WeightHandle(path="/dev/shm/x", version=1, host="h", shapes={}, node="a")
+    assert client._reachable(handle) is handle
+    monkeypatch.setattr(weight_sync, "attach_blob", lambda h: dataclasses.replace(h, blob="ref"))
+    client.worker_nodes = ["a", "b"]  # a worker restarted on node b
+    assert client._reachable(handle).blob == "ref"
+
+
+def test_a_checkpoint_handle_reads_the_checkpoint_in_place_and_is_never_deleted(checkpoint):
+    handle = weight_sync.checkpoint_handle(checkpoint, version=2)
+    assert handle.path == str((Path(checkpoint) / "model.safetensors").resolve()) and not handle.owned
+    assert handle.shapes == weight_sync.checkpoint_shapes(checkpoint)
+    weight_sync.release_weights(handle)
+    assert Path(handle.path).exists()
 
 
 def test_unknown_weight_transport_is_refused(checkpoint):

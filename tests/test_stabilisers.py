@@ -14,6 +14,7 @@ import torch
 from transformers import DeepseekV32Config
 
 from rl.algo.batch import make_rollout_batch, rollout_schema, with_columns
+from rl.algo.config import GRPOConfig
 from rl.model.checkpoint import build_model
 from rl.model.presets import preset
 from trainer.batching import to_train_tensors
@@ -21,7 +22,7 @@ from trainer.objective import grpo_objective, policy_logprobs
 
 OPTIONS = dict(
     keep_routing=True, keep_sampling_mask=True, kl_estimator="unbiased", kl_coef=0.1, offpolicy_delta=0.05,
-    clip_eps_low=0.2, clip_eps_high=0.2, temperature=1.0, logprob_chunk=1024, indexer_loss_coef=1.0,
+    clip_eps_low=0.2, clip_eps_high=0.2, logprob_chunk=1024, indexer_loss_coef=1.0,
 )
 TOP_K = 6
 
@@ -76,7 +77,8 @@ def loss_with(setting, **changes) -> float:
     routing = data.routing if options["keep_routing"] else None
     with torch.no_grad():
         ref_logp, _, _ = policy_logprobs(reference, reference.lm_head.weight, data, routing, 1.0)
-        loss, metrics = grpo_objective(policy, policy.lm_head.weight, data, ref_logp, options, train_indexer=False)
+        loss, metrics = grpo_objective(policy, policy.lm_head.weight, data, ref_logp, GRPOConfig(**options), 1.0,
+                                       train_indexer=False)
     return loss.item(), metrics
 
 

@@ -4,25 +4,28 @@ sampled from its own weights, NaN skipping, and the weights it hands to the roll
 
 from __future__ import annotations
 
+import dataclasses
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import DeepseekV32Config
 
 from rl.algo.batch import make_rollout_batch, rollout_schema, with_columns
+from rl.algo.config import GRPOConfig
 from rl.model.checkpoint import build_model, save_checkpoint
 from rl.model.presets import preset
+from trainer.config import TrainerConfig
 
 pytestmark = pytest.mark.slow
 
-GRPO = dict(
+GRPO = GRPOConfig(
     lr=1e-3, weight_decay=0.0, grad_clip=1.0, mini_batch_size=4, epochs=1, clip_eps_low=0.2, clip_eps_high=0.2,
     normalize_std=False, kl_estimator="unbiased", kl_coef=0.01, offpolicy_delta=0.5, keep_routing=True,
     keep_sampling_mask=True, train_indexer=True, indexer_lr=1e-3, indexer_loss_coef=1.0, logprob_chunk=1024,
-    temperature=1.0,
 )
-TRAINER = dict(num_ranks=1, zero_stage=1, dtype="float32", cpus_per_rank=1.0, gpus_per_rank=0.0)
+TRAINER = TrainerConfig(num_ranks=1, zero_stage=1, dtype="float32", cpus_per_rank=1.0, gpus_per_rank=0.0)
 
 
 def sampled_batch(model, n: int, advantages: list[float]):
@@ -59,7 +62,8 @@ def worker(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("", 0))
         port = s.getsockname()[1]
-    w = TrainerWorker(0, 1, "127.0.0.1", port, str(path), str(path), GRPO, TRAINER, lr=1e-3, seed=0)
+    w = TrainerWorker(0, 1, "127.0.0.1", port, str(path), str(path), dataclasses.replace(GRPO), TRAINER, lr=1e-3,
+                      seed=0, temperature=1.0)
     return w, model.eval()
 
 
@@ -67,11 +71,11 @@ def test_grpo_step_on_own_samples(worker):
     w, model = worker
     batch = sampled_batch(model, 8, [1.0, -1.0, 0.5, -0.5, 1.0, -1.0, 0.5, -0.5])
     before = {k: v.clone() for k, v in w.state_dict().items()}
-    w.grpo["mini_batch_size"] = 8  # one optimiser step: the loss is taken at the sampling weights
+    w.grpo.mini_batch_size = 8  # one optimiser step: the loss is taken at the sampling weights
     try:
         m = w.grpo_step(batch)
     finally:
-        w.grpo["mini_batch_size"] = GRPO["mini_batch_size"]
+        w.grpo.mini_batch_size = GRPO.mini_batch_size
     assert m["routing_agreement"] == 1.0  # the trainer reproduces the sampler's routing exactly
     assert m["logp_mismatch_first"] < 1e-5  # and its kept-set renormalised log-probs
     assert m["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the first update
@@ -81,6 +85,25 @@ def test_grpo_step_on_own_samples(worker):
     changed = [k for k in after if not torch.equal(after[k], before[k])]
     assert any("mlp.gate.weight" in k for k in changed)  # the router trains under Keep Routing
     assert any(".indexer." in k for k in changed)  # the indexer trains on its KL
+
+
+def test_rank0_publishes_its_weights_and_releases_the_previous_version(worker):
+    """What trainer rank 0 hands the rollout client: a handle on a file holding exactly its weights; publishing
+    the next version deletes the previous file (the engines loaded it already)."""
+    from safetensors.torch import load_file
+
+    from rollout import weight_sync
+
+    w, _ = worker
+    first = w.publish_weights(1, file=True, blob=False)
+    assert first.version == 1 and first.blob is None and first.node is None  # no Ray here
+    back, state = load_file(first.path), w.state_dict()
+    assert first.shapes == {k: tuple(v.shape) for k, v in state.items()}
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+    second = w.publish_weights(2)
+    assert not Path(first.path).exists() and Path(second.path).exists()
+    weight_sync.release_weights(second)
+    w.published = None
 
 
 def test_nan_loss_skips_the_step(worker):

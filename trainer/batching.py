@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rl.algo.batch import routing_of
+from rl.algo.batch import indexer_topk_of, routing_of
 
 
 @dataclass
@@ -25,6 +25,8 @@ class TrainTensors:
     advantages: torch.Tensor  # [N]
     routing: torch.Tensor | None  # [N, T, moe_layers, top_k] int64 recorded expert ids
     kept_ids: torch.Tensor | None  # [N, T, K] kept token ids, -1 padded (all -1: not truncated)
+    # [N, T, dsa_layers, index_topk] the engine's indexer selections (-1 in unused slots), when recorded
+    index_selection: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -34,7 +36,8 @@ class TrainTensors:
         return TrainTensors(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
 
 
-def to_train_tensors(batch: pa.RecordBatch | pa.Table, top_k: int, with_routing: bool, with_mask: bool) -> TrainTensors:
+def to_train_tensors(batch: pa.RecordBatch | pa.Table, top_k: int, with_routing: bool, with_mask: bool,
+                     with_index_selection: bool = False) -> TrainTensors:
     n = batch.num_rows
     prompts = batch.column("prompt_ids").to_pylist()
     responses = batch.column("response_ids").to_pylist()
@@ -84,4 +87,36 @@ def to_train_tensors(batch: pa.RecordBatch | pa.Table, top_k: int, with_routing:
                 kept_ids[i, start + j, : len(kept)] = torch.tensor(kept, dtype=torch.long)
 
     advantages = torch.tensor(batch.column("advantage").to_pylist(), dtype=torch.float32)
-    return TrainTensors(input_ids, targets, response_mask, old_logp, advantages, routing, kept_ids)
+    selection = index_selection(batch, lengths, width) if with_index_selection else None
+    return TrainTensors(input_ids, targets, response_mask, old_logp, advantages, routing, kept_ids, selection)
+
+
+def index_selection(batch: pa.RecordBatch | pa.Table, lengths: list[int], width: int) -> torch.Tensor | None:
+    """[N, width, dsa_layers, K] positions each DSA layer attended to, from the recorded `indexer_topk`, or
+    None when the batch holds no selection to replay (no row longer than index_topk, or none recorded).
+
+    A token at position t < K attends to every earlier token (0..t, -1 after); from K on, the engine's record.
+    Padding positions get the K latest positions, a valid set whose output is never trained (a set of only
+    -1 would make their softmax NaN, and NaN * 0 is still NaN in the loss).
+    """
+    meta = batch.schema.metadata or {}
+    layers, k = int(meta.get(b"dsa_layers", 0)), int(meta.get(b"index_topk", 0))
+    if not layers or width <= k:
+        return None
+    t = torch.arange(width)[:, None]
+    recent = t - torch.arange(k)[None, :]  # [width, K]: t, t-1, ..., t-K+1
+    out = recent.masked_fill(recent < 0, -1)[None, :, None, :].repeat(batch.num_rows, 1, layers, 1)
+    for i, n in enumerate(lengths):
+        if n <= k:
+            continue
+        rec = indexer_topk_of(batch, i)
+        if rec is None:
+            raise ValueError(f"row {i} ({n} fed tokens > index_topk {k}) has no indexer_topk recorded but "
+                             "grpo.keep_indexer_selection is on: set rollout.engine.capture_indexer=true (CPU "
+                             "engines record it; vLLM on CUDA has no indexer-selection return yet, so there set "
+                             "grpo.keep_indexer_selection=false)")
+        if rec.shape[0] != n - k:
+            raise ValueError(f"row {i}: indexer_topk covers {rec.shape[0]} tokens, expected {n - k} "
+                             f"(prompt+response-1 minus index_topk)")
+        out[i, k:n] = torch.from_numpy(rec)
+    return out

@@ -1,4 +1,9 @@
-"""The trainer actor group: one Ray actor per rank, gang-scheduled in a placement group."""
+"""The trainer actor group: one Ray actor per rank, gang-scheduled in a placement group.
+
+The driver calls the group; the group splits each batch into one contiguous shard per rank and averages the
+ranks' metrics. Weights leave the group only through rank 0's `publish_weights` (a handle for the rollout
+client) and checkpoints (`save`, `export`); no call returns the weights themselves to the driver.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,9 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rl.algo.config import GRPOConfig
+from rollout.weight_sync import WeightHandle
+from trainer.config import TrainerConfig
 from trainer.worker import TrainerWorker
 
 
@@ -31,28 +39,33 @@ class TrainerGroup:
         self,
         policy_checkpoint: str,
         reference_checkpoint: str | None,
-        grpo: dict,
-        trainer: dict,
+        grpo: GRPOConfig,
+        trainer: TrainerConfig,
         lr: float,
         seed: int,
+        temperature: float = 1.0,
+        freeze_backbone: bool = False,
     ):
-        n = trainer["num_ranks"]
-        bundle = {"CPU": trainer["cpus_per_rank"]}
-        if trainer["gpus_per_rank"]:
-            bundle["GPU"] = trainer["gpus_per_rank"]
+        """Arguments as TrainerWorker's; `grpo` and `trainer` cross Ray as dataclass instances."""
+        n = trainer.num_ranks
+        bundle = {"CPU": trainer.cpus_per_rank}
+        if trainer.gpus_per_rank:
+            bundle["GPU"] = trainer.gpus_per_rank
         self.pg = placement_group([bundle] * n, strategy="PACK")
         ray.get(self.pg.ready())
         master_addr, master_port = ray.util.get_node_ip_address(), _free_port()
         actor_cls = ray.remote(TrainerWorker)
         self.workers = [
             actor_cls.options(
-                num_cpus=trainer["cpus_per_rank"],
-                num_gpus=trainer["gpus_per_rank"],
+                num_cpus=trainer.cpus_per_rank,
+                num_gpus=trainer.gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(i, n, master_addr, master_port, policy_checkpoint, reference_checkpoint, grpo, trainer, lr, seed)
+            ).remote(i, n, master_addr, master_port, policy_checkpoint, reference_checkpoint, grpo, trainer, lr, seed,
+                     temperature, freeze_backbone)
             for i in range(n)
         ]
         ray.get([w.ping.remote() for w in self.workers])
+        self.publisher_node: str | None = ray.get(self.workers[0].node_id.remote())  # rank 0's Ray node
 
     def _shards(self, n_rows: int) -> list[slice]:
         per = n_rows // len(self.workers)
@@ -65,26 +78,45 @@ class TrainerGroup:
         results = ray.get([w.grpo_step.remote(shard) for w, shard in zip(self.workers, shards, strict=True)])
         return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
-    def sft_step(
-        self, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor, lr: float,
-        segment_ids: torch.Tensor | None = None,
-    ) -> dict:
-        """One SFT step; segment_ids [B, T] when the rows are packed (see TrainerWorker.sft_step)."""
+    def train_step(
+        self, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor,
+        lrs: list[float] | None = None, loss: str = "lm", segment_ids: torch.Tensor | None = None,
+    ) -> dict[str, float]:
+        """One step with a loss kind (see TrainerWorker.train_step); segment_ids [B, T] for packed rows."""
         shards = self._shards(input_ids.shape[0])
         results = ray.get(
             [
-                w.sft_step.remote(input_ids[s], targets[s], loss_mask[s], lr,
-                                  None if segment_ids is None else segment_ids[s])
+                w.train_step.remote(input_ids[s], targets[s], loss_mask[s], lrs, loss,
+                                    None if segment_ids is None else segment_ids[s])
                 for w, s in zip(self.workers, shards, strict=True)
             ]
         )
         return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return ray.get([w.state_dict.remote() for w in self.workers])[0]
+    def sft_step(
+        self, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor, lr: float,
+        segment_ids: torch.Tensor | None = None, loss: str = "lm",
+    ) -> dict:
+        """One SFT step at learning rate `lr` (a loss kind of trainer.objective.LOSSES, "lm" by default),
+        reported as {"sft_loss", "skipped"} (+ "indexer_kl" for the kinds that train the indexer)."""
+        m = self.train_step(input_ids, targets, loss_mask, [lr], loss, segment_ids)
+        extra = {"indexer_kl": m["indexer_kl"]} if "indexer_kl" in m else {}
+        return {"sft_loss": m["lm_loss"], "skipped": m["skipped"], **extra}
+
+    def eval_loss(self, ids: torch.Tensor, sparse: bool, batch_size: int = 16) -> float:
+        """Held-out mean next-token loss, on rank 0 (every rank holds the whole model under ZeRO-1/2)."""
+        return ray.get(self.workers[0].eval_loss.remote(ids, sparse, batch_size))
+
+    def publish_weights(self, version: int, file: bool = True, blob: bool = False) -> WeightHandle:
+        """Rank 0 publishes the current weights (see TrainerWorker.publish_weights); only the handle comes back."""
+        return ray.get(self.workers[0].publish_weights.remote(version, file, blob))
 
     def save(self, directory: str, tokenizer_dir: str | None = None) -> None:
         ray.get([w.save.remote(directory, tokenizer_dir) for w in self.workers])
+
+    def export(self, directory: str, tokenizer_dir: str | None = None) -> None:
+        """The current weights as an HF checkpoint in `directory` (no optimiser state)."""
+        ray.get(self.workers[0].export.remote(directory, tokenizer_dir))
 
     def load_optimizer(self, directory: str) -> None:
         ray.get([w.load_optimizer.remote(directory) for w in self.workers])

@@ -19,9 +19,15 @@ class GRPOConfig:
     kl_estimator: str = "unbiased"  # unbiased | k3 | none
     kl_coef: float = 0.01
     offpolicy_delta: float | None = 0.5  # null: no off-policy sequence masking
+    mask_kl: bool = False  # true: the off-policy mask drops the KL term too (the paper masks the policy term only)
+    old_logprobs: str = "engine"  # pi_old of the ratio and the KL: engine (sampling) | trainer (own, at step start)
     keep_routing: bool = True
     keep_sampling_mask: bool = True
+    # Keep Indexer Selection: DSA layers attend to the positions the engine's indexer selected (recorded with
+    # rollout.engine.capture_indexer), and the sparse indexer KL is taken over those sets.
+    keep_indexer_selection: bool = True
     train_indexer: bool = True
     indexer_lr: float = 1e-3
     indexer_loss_coef: float = 1.0
+    indexer_grad_clip: float = 1.0  # the indexer's own gradient-norm clip (its own AdamW; 0: no clip)
     logprob_chunk: int = 1024

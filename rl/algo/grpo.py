@@ -1,16 +1,32 @@
 """GRPO objective of DeepSeek-V3.2 (paper section 3), as pure torch functions.
 
-Notation (DESIGN.md, "The math"): q a prompt, o_1..o_G its G sampled responses, R_i their rewards,
-pi_theta the policy being trained, pi_old the policy that sampled the rollouts (its log-probs are the
-ones the inference engine reported at sampling time), pi_ref the frozen reference policy.
+Notation (docs/EQUATIONS.md): q a prompt, o_1..o_G its G sampled responses, R_i their rewards,
+pi_theta the policy being trained, pi_ref the frozen reference policy, and two "old" policies:
+pi_samp, the data-sampling policy (the log-probs the inference engine reported at sampling time), and
+pi_old, the policy the ratio and the KL's importance weight divide by (pi_samp itself, or the trainer's own
+log-probs of the same tokens at the start of the step: `grpo.old_logprobs`, see below).
 
     A_i       = R_i - mean(R_1..R_G)                                   (group_advantages)
     r_{i,t}   = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})   (policy_ratio)
     KL_{i,t}  = r_{i,t} * (pi_ref/pi_theta - log(pi_ref/pi_theta) - 1)  (unbiased_kl)
-    M_i       = 0 if A_i < 0 and (1/|o_i|) sum_t log(pi_old/pi_theta) > delta, else 1
+    M_i       = 0 if A_i < 0 and (1/|o_i|) sum_t log(pi_samp/pi_theta) > delta, else 1
                                                                         (offpolicy_sequence_mask)
-    J         = (1/N) sum_i (1/|o_i|) sum_t M_i [min(r A_i, clip(r, 1-eps_low, 1+eps_high) A_i)
-                                                 - beta KL_{i,t}]     (grpo_loss returns -J)
+    J         = (1/N) sum_i (1/|o_i|) sum_t [min(r A_i, clip(r, 1-eps_low, 1+eps_high) A_i) M_i
+                                             - beta KL_{i,t}]         (grpo_loss returns -J)
+
+That J is the paper's (section 3.1): the off-policy mask multiplies the policy term only, so a masked
+sequence is still pulled towards pi_ref. `grpo_loss(mask_kl=True)` multiplies the KL term by M_i too
+(keel's earlier form), dropping a masked sequence from the loss entirely.
+
+Which pi_old (the trainer's `grpo.old_logprobs`): "engine" takes pi_old = pi_samp. "trainer" takes the
+trainer's own log-probs of the sampled tokens, computed once before the step's first update under the same
+Keep Routing / Keep Sampling Mask; the mask still compares against pi_samp, as the paper says (it guards
+against data from a policy far from pi_theta, whatever the cause). On CPU fp32 the two agree to ~1e-7 and
+the choice does not matter. Where they differ (bf16 on GPU: another kernel, another reduction order), with
+"engine" the ratio of the first update is pi_theta/pi_samp != 1, so the train/inference mismatch alone is
+clipped and can zero a token's gradient before the policy has moved; with "trainer" the first update's
+ratio is exactly 1 and clipping bounds only how far the policy moves within the step, as PPO intends;
+the mismatch is then left uncorrected (no importance weight for it) and is bounded only by the mask.
 
 Every function takes per-token log-probabilities of the *sampled* tokens (shape [N, T] where it
 matters, padded; a response mask marks the counted tokens).
@@ -130,11 +146,12 @@ def offpolicy_sequence_mask(
 ) -> Tensor:
     """Off-policy sequence mask M_i (float 0/1, shape [N]), without gradient.
 
-        M_i = 0  if A_i < 0 and (1/|o_i|) sum_t log(pi_old(o_{i,t}) / pi_theta(o_{i,t})) > delta
+        M_i = 0  if A_i < 0 and (1/|o_i|) sum_t log(pi_samp(o_{i,t}) / pi_theta(o_{i,t})) > delta
         M_i = 1  otherwise
 
-    old_logp is the inference engine's sampling log-prob, so the divergence covers both policy
-    staleness and train/inference mismatch. Positive- and zero-advantage sequences are never masked.
+    old_logp here is pi_samp, the inference engine's sampling log-prob (grpo_loss passes its
+    `sampling_logp`), so the divergence covers both policy staleness and train/inference mismatch.
+    Positive- and zero-advantage sequences are never masked.
     """
     mask = response_mask.to(logp.dtype)
     divergence = _sequence_mean(old_logp.to(logp.dtype) - logp, mask)
@@ -154,16 +171,29 @@ def grpo_loss(
     kl_coef: float = 1e-3,
     kl_estimator: KLEstimator = "unbiased",
     offpolicy_delta: float | None = None,
+    mask_kl: bool = False,
+    sampling_logp: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """GRPO loss to minimise, -J, and its metrics.
 
-        J = (1/N) sum_i (1/|o_i|) sum_t M_i m_{i,t} [ min(r A_i, clip(r, 1-eps_low, 1+eps_high) A_i)
-                                                     - beta KL_{i,t} ]
+        J = (1/N) sum_i (1/|o_i|) sum_t m_{i,t} [ min(r A_i, clip(r, 1-eps_low, 1+eps_high) A_i) M_i
+                                                 - beta KL_{i,t} (M_i if mask_kl) ]
 
-    Shapes: logp, old_logp, ref_logp, response_mask [N, T] (padded; m_{i,t} = response_mask, 1 on
-    counted tokens); advantages [N]. |o_i| = sum_t m_{i,t}. N is the number of rows passed in (the
-    mini-batch size when called per mini-batch); sequences dropped by M_i still count in 1/N.
-    Only `logp` (pi_theta) carries gradient; old_logp, ref_logp and advantages are detached.
+    Shapes: logp, old_logp, ref_logp, sampling_logp, response_mask [N, T] (padded; m_{i,t} =
+    response_mask, 1 on counted tokens); advantages [N]. |o_i| = sum_t m_{i,t}. N is the number of rows
+    passed in (the mini-batch size when called per mini-batch); sequences dropped by M_i still count
+    in 1/N. Only `logp` (pi_theta) carries gradient; old_logp, ref_logp, sampling_logp and advantages
+    are detached.
+
+    old_logp is pi_old of the ratio and of the unbiased KL's importance weight; sampling_logp is
+    pi_samp, the data-sampling policy's log-probs, which the off-policy mask compares against (None:
+    old_logp is pi_samp, keel's "engine" mode).
+
+    mask_kl: False (the default, the paper's J): M_i multiplies the policy term only, a masked
+    sequence keeps its KL pull towards pi_ref. True: M_i multiplies the KL term too, so a masked
+    sequence leaves the loss entirely. That is useful when the masked sequences' log-probs are
+    themselves suspect (a large train/inference mismatch: the unbiased KL's weight pi_theta/pi_old
+    then rests on them too) and to reproduce runs made before the option existed.
 
     kl_estimator: "unbiased" (`unbiased_kl`, the default), "k3" (`k3_kl`) or "none" (beta KL term
     dropped; ref_logp may then be None). offpolicy_delta: None disables the mask (M_i = 1).
@@ -174,7 +204,7 @@ def grpo_loss(
         kl (mean per-token KL estimate: the chosen estimator, the unbiased one for "none" when
             ref_logp is given, else 0), clip_frac (tokens where the clipped branch is active),
         masked_seq_frac (fraction of rows with M_i = 0), ratio_mean, ratio_max,
-        logp_mismatch (mean |old_logp - logp|; the train/inference mismatch on the first forward).
+        logp_mismatch (mean |sampling_logp - logp|; the train/inference mismatch on the first forward).
     """
     if kl_estimator not in ("unbiased", "k3", "none"):
         raise ValueError(f"unknown kl_estimator {kl_estimator!r}")
@@ -189,6 +219,7 @@ def grpo_loss(
     zero = torch.zeros((), dtype=dtype, device=logp.device)
     logp = torch.where(counted, logp.to(dtype), zero)
     old_logp = torch.where(counted, old_logp.detach().to(dtype), zero)
+    sampling_logp = old_logp if sampling_logp is None else torch.where(counted, sampling_logp.detach().to(dtype), zero)
     if ref_logp is not None:
         ref_logp = torch.where(counted, ref_logp.detach().to(dtype), zero)
     advantages = advantages.detach().to(dtype)
@@ -207,20 +238,21 @@ def grpo_loss(
     if offpolicy_delta is None:
         seq_mask = torch.ones_like(advantages)
     else:
-        seq_mask = offpolicy_sequence_mask(old_logp, logp, advantages, mask, offpolicy_delta)
+        seq_mask = offpolicy_sequence_mask(sampling_logp, logp, advantages, mask, offpolicy_delta)
 
     n = logp.shape[0]
-    token_weight = seq_mask[:, None] * mask  # M_i m_{i,t}
+    masked_weight = seq_mask[:, None] * mask  # M_i m_{i,t}
     lengths = mask.sum(dim=-1).clamp(min=1)  # |o_i| (masked sequences keep theirs, and their 1/N share)
 
-    def batch_objective(x: Tensor) -> Tensor:
-        """(1/N) sum_i (1/|o_i|) sum_t M_i m_{i,t} x_{i,t}."""
-        return ((x * token_weight).sum(dim=-1) / lengths).sum() / max(n, 1)
+    def batch_objective(x: Tensor, weight: Tensor) -> Tensor:
+        """(1/N) sum_i (1/|o_i|) sum_t w_{i,t} x_{i,t}; w is M_i m_{i,t} or m_{i,t}. Uncounted x is 0 or
+        finite here (padding was zeroed above), and where w = 0 the product is 0 in value and gradient."""
+        return ((x * weight).sum(dim=-1) / lengths).sum() / max(n, 1)
 
-    pg_loss = -batch_objective(surrogate)
+    pg_loss = -batch_objective(surrogate, masked_weight)
     loss = pg_loss
     if kl is not None:
-        loss = pg_loss + kl_coef * batch_objective(kl)
+        loss = pg_loss + kl_coef * batch_objective(kl, masked_weight if mask_kl else mask)
 
     with torch.no_grad():
         n_tokens = mask.sum().clamp(min=1)
@@ -245,6 +277,6 @@ def grpo_loss(
             "masked_seq_frac": float((seq_mask == 0).to(dtype).mean()) if n > 0 else 0.0,
             "ratio_mean": token_mean(ratio),
             "ratio_max": float(ratio[counted].max()) if counted.any() else 0.0,
-            "logp_mismatch": token_mean((old_logp - logp).abs()),
+            "logp_mismatch": token_mean((sampling_logp - logp).abs()),
         }
     return loss, metrics

@@ -23,9 +23,10 @@ from rl.loop.data import pad_sft_sequences
 from rollout.agent.context import make_room
 from rollout.agent.environments import Environment, environment_specs, make_environment
 from rollout.agent.environments.oracles import solve
-from rollout.agent.loop import encode_text, run_episodes
+from rollout.agent.loop import run_episodes
 from rollout.agent.messages import Message
 from rollout.agent.template import get_template
+from rollout.agent.tokens import encode_text
 
 
 def demonstration(messages: list[Message], template: Any, tokenizer: Any,

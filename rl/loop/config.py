@@ -6,6 +6,7 @@ schema; an unknown key or a value of the wrong type is an error that names the k
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,20 +24,43 @@ from trainer.config import TrainerConfig
 @dataclass
 class ModelConfig:
     preset: str = "tiny"  # rl.model.presets name, used when `checkpoint` is empty
-    checkpoint: str = ""  # HF-format directory to start from instead of a fresh preset model
+    # HF-format directory to start from instead of a fresh preset model, or a Hugging Face hub id resolved through
+    # the local cache (HF_HUB_OFFLINE=1: never downloaded); its own tokenizer is used (tokenizer.json, ...)
+    checkpoint: str = ""
+    # With a fresh preset model: a tokenizer directory (or hub id) to use instead of the character tokenizer;
+    # the preset's vocab_size grows to fit it.
+    tokenizer: str = ""
     overrides: dict[str, Any] = field(default_factory=dict)  # config.json fields over the preset
     seed: int = 0
 
 
 @dataclass
 class DataConfig:
-    task: str = "addition"  # a generated task (addition | logic | ...) or a .parquet/.jsonl path
+    # a generated task (addition | logic | ...) or a dataset file: .parquet, .jsonl, .json, or a Hugging Face
+    # `datasets` save_to_disk directory (rl/loop/data.py)
+    task: str = "addition"
     eval_task: str = ""  # held-out set: a path, or "" to generate one from `task` with eval_seed
     train_size: int = 4000
     eval_size: int = 200
     max_operand: int = 99
     seed: int = 0
     eval_seed: int = 12345
+    # raw: the prompt text with the tokenizer's special tokens; chat: the tokenizer's chat template with the
+    # generation prompt (or the DeepSeek-V3.2 encoding when it has none; rl/loop/formats.py)
+    format: str = "raw"
+    chat_encoding: str = "auto"  # auto | tokenizer | deepseek_v32
+    system_prompt: str = ""  # chat only: a system message before every prompt that has none
+    thinking: bool = False  # chat: the thinking generation prompt (DeepSeek-V3.2 <think>; enable_thinking)
+    # Dataset columns; a dotted key reads a field of a struct column (e.g. reward_model.ground_truth).
+    prompt_key: str = "prompt"
+    messages_key: str = "messages"  # chat only: a list of {role, content} ending with the user's message
+    answer_key: str = "answer"
+    response_key: str = ""  # the SFT warm start's reference responses ("" : the answer)
+    source_key: str = ""  # picks a row's rewards from rewards_by_source ("" : data_source, else domain)
+    overlong: str = "drop"  # prompts that leave no room for rollout.max_tokens: drop (counted) | error
+    # The warm start's teacher is sloppy: this fraction of its demonstrations is the integer answer plus one (drawn
+    # per training row with `seed`); the rewards still check the answer. The quickstart's 0.6 leaves what RL can fix.
+    sft_off_by_one: float = 0.0
 
 
 @dataclass
@@ -47,6 +71,9 @@ class SFTConfig:
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 10
+    # trainer.objective.LOSSES: "lm" (the model's own attention), or "lm_dense_indexer" (dense attention, and the
+    # indexer learns the dense attention's choices by its KL: a warm start for RL where sparsity matters)
+    loss: str = "lm"
 
 
 @dataclass
@@ -85,6 +112,14 @@ class RunConfig:
 
 
 @dataclass
+class SandboxConfig:
+    """Where model-written code runs (rewards/SECURITY.md). Without user namespaces (and not root) the only
+    isolation left is "plain" (the program runs as you, limits only): refused unless allow_weak is true."""
+
+    allow_weak: bool = False
+
+
+@dataclass
 class KeelConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -92,9 +127,13 @@ class KeelConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
+    # data source (the rows' data_source / domain) -> its rewards; rows of other sources use `rewards`. A source's
+    # scores are scaled to the total weight of `rewards`, so accuracy (every reward in full) means one thing.
+    rewards_by_source: dict[str, list[RewardConfig]] = field(default_factory=dict)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    agent: AgentConfig = field(default_factory=AgentConfig)  # enabled: tool-use episodes instead of `data`
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)  # enabled: tool-use episodes instead of `data`
 
 
 class ConfigError(ValueError):
@@ -129,20 +168,43 @@ def merge_config(schema: type, path: str | Path | None, overrides: list[str] | N
                           "or replace the whole list") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """Schema <- YAML file <- dot-list overrides, validated; returns a read-only DictConfig."""
-    cfg, source = merge_config(KeelConfig, path, overrides)
-    _validate(cfg, source)
+def load_checked(schema: type, path: str | Path | None, overrides: list[str] | None,
+                 problems: Callable[[DictConfig], list[str]]) -> DictConfig:
+    """Schema <- YAML file <- dot-list overrides, then `problems(cfg)`: every problem it finds goes into one
+    ConfigError naming the source. Returns a read-only DictConfig. Every command's config loads this way."""
+    cfg, source = merge_config(schema, path, overrides)
+    found = problems(cfg)
+    if found:
+        raise ConfigError(f"{source}: " + "; ".join(found))
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
-def _validate(cfg: DictConfig, source: str) -> None:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """The `keel train` config: schema <- YAML file <- dot-list overrides, validated; read-only."""
+    return load_checked(KeelConfig, path, overrides, _problems)
+
+
+def _problems(cfg: DictConfig) -> list[str]:
     problems = []
     if cfg.rollout.group_size < 2:
         problems.append("rollout.group_size must be >= 2 (advantages are relative to the group)")
     if cfg.grpo.kl_estimator not in ("unbiased", "k3", "none"):
         problems.append(f"grpo.kl_estimator={cfg.grpo.kl_estimator!r}: choose unbiased, k3 or none")
+    if cfg.grpo.old_logprobs not in ("engine", "trainer"):
+        problems.append(f"grpo.old_logprobs={cfg.grpo.old_logprobs!r}: choose engine (the sampling engine's log-probs) "
+                        "or trainer (the trainer's own at the start of the step)")
+    if cfg.grpo.indexer_grad_clip < 0:
+        problems.append(f"grpo.indexer_grad_clip={cfg.grpo.indexer_grad_clip} must be >= 0 (0: no clip)")
+    if cfg.grpo.keep_indexer_selection and not cfg.rollout.engine.capture_indexer:
+        problems.append("grpo.keep_indexer_selection replays the engine's indexer selections: it needs "
+                        "rollout.engine.capture_indexer=true (or set grpo.keep_indexer_selection=false)")
+    if cfg.sft.loss not in ("lm", "lm_dense_indexer", "lm_sparse_indexer"):
+        problems.append(f"sft.loss={cfg.sft.loss!r}: choose lm, lm_dense_indexer or lm_sparse_indexer")
+    if not 0 <= cfg.data.sft_off_by_one <= 1:
+        problems.append(f"data.sft_off_by_one={cfg.data.sft_off_by_one} must be in [0, 1]")
+    if cfg.data.sft_off_by_one and cfg.data.response_key:
+        problems.append("data.sft_off_by_one writes the warm start's responses itself: leave data.response_key empty")
     if not 0 < cfg.rollout.top_p <= 1:
         problems.append(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
     if cfg.rollout.temperature <= 0:
@@ -158,12 +220,37 @@ def _validate(cfg: DictConfig, source: str) -> None:
         problems.append(f"trainer.zero_stage={cfg.trainer.zero_stage} must be 0, 1 or 2")
     if not cfg.rewards:
         problems.append("rewards: name at least one reward")
+    problems += _data_problems(cfg)
     if cfg.run.wandb_mode not in ("offline", "online", "disabled"):
         problems.append(f"run.wandb_mode={cfg.run.wandb_mode!r}: choose offline, online or disabled")
     if cfg.agent.enabled:
         problems += _agent_problems(cfg)
-    if problems:
-        raise ConfigError(f"{source}: " + "; ".join(problems))
+    return problems
+
+
+def _data_problems(cfg: DictConfig) -> list[str]:
+    d, problems = cfg.data, []
+    if d.format not in ("raw", "chat"):
+        problems.append(f"data.format={d.format!r}: choose raw or chat")
+    if d.chat_encoding not in ("auto", "tokenizer", "deepseek_v32"):
+        problems.append(f"data.chat_encoding={d.chat_encoding!r}: choose auto, tokenizer or deepseek_v32")
+    if d.format == "raw" and d.system_prompt:
+        problems.append("data.system_prompt needs data.format=chat")
+    if d.overlong not in ("drop", "error"):
+        problems.append(f"data.overlong={d.overlong!r}: choose drop or error")
+    for key in ("prompt_key", "messages_key", "answer_key"):
+        if not d[key]:
+            problems.append(f"data.{key} must name a column")
+    for source, rewards in cfg.rewards_by_source.items():
+        if not rewards:
+            problems.append(f"rewards_by_source.{source}: name at least one reward")
+        elif sum(r.weight for r in rewards) <= 0:
+            problems.append(f"rewards_by_source.{source}: the weights must add up to more than 0")
+    if cfg.rewards_by_source and sum(r.weight for r in cfg.rewards) <= 0:
+        problems.append("rewards: the weights must add up to more than 0 (rewards_by_source scales to them)")
+    if cfg.model.checkpoint and cfg.model.tokenizer:
+        problems.append("model.tokenizer is for a fresh preset model; a model.checkpoint brings its own tokenizer")
+    return problems
 
 
 def _agent_problems(cfg: DictConfig) -> list[str]:
@@ -193,6 +280,12 @@ def _agent_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"agent.max_total_tokens={a.max_total_tokens} leaves no room for a prompt before "
                         f"rollout.max_tokens={cfg.rollout.max_tokens} (the budget of one turn)")
     return problems
+
+
+def as_dataclass(schema: type, node: Any) -> Any:
+    """A config section as an instance of its dataclass (what crosses Ray), from a typed node or an untyped one
+    (a resumed run's config.yaml is read without the schema); keys the section lacks take their defaults."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
 
 
 def to_yaml(cfg: DictConfig) -> str:

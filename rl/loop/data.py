@@ -1,6 +1,9 @@
-"""Prompt datasets as pyarrow tables with at least `prompt` and `answer` columns (plus any the rewards read).
+"""Prompt datasets as pyarrow tables with `prompt` (or, in the chat format, `messages`) and `answer` columns, plus
+any the rewards read.
 
-A dataset is a generated task (nothing is downloaded) or a .parquet / .jsonl file.
+A dataset is a generated task (nothing is downloaded) or a file: .parquet, .jsonl, .json, or a Hugging Face
+`datasets` save_to_disk directory (read with pyarrow). Every row of a file is checked before anything starts;
+a bad one is a DataError naming the file, the row and the column.
 """
 
 from __future__ import annotations
@@ -10,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.json as pajson
-import pyarrow.parquet as pq
 
+from rl.loop.datasets import DataError, DataKeys, check_rows, read_rows, row_field
 from rl.model.tokenizer import CharTokenizer
+
+__all__ = ["DataError", "DataKeys", "row_field"]  # re-exported: the dataset files' checks live in rl.loop.datasets
 
 
 def generate_addition(n: int, seed: int, max_operand: int = 99) -> list[dict]:
@@ -39,11 +43,30 @@ def generate_sort(n: int, seed: int, min_len: int = 3, max_len: int = 5) -> list
     return rows
 
 
+def generate_lookup(n: int, seed: int, length: int = 40) -> list[dict]:
+    """Rows {"prompt": "qkzd...7...wx?", "answer": "7", "domain": "lookup"}: find the one digit among letters.
+
+    `length` random letters with one digit at a uniformly drawn position, then "?": the answer is a copy of a
+    single token anywhere in a prompt of length + 2 tokens (with <bos>), which is what DSA's top-k has to find
+    (a digit's indexer key can be told apart from a letter's, so a trained indexer finds it).
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        chars = [rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(length)]
+        digit = str(rng.randint(0, 9))
+        chars[rng.randrange(length)] = digit
+        rows.append({"prompt": "".join(chars) + "?", "answer": digit, "domain": "lookup"})
+    return rows
+
+
 def _generated(task: str, n: int, seed: int, max_operand: int) -> list[dict]:
     if task == "addition":
         return generate_addition(n, seed, max_operand)
     if task == "sort":
         return generate_sort(n, seed)
+    if task == "lookup":
+        return generate_lookup(n, seed)
     if task == "arithmetic":
         from rewards.math import generate_arithmetic
 
@@ -52,22 +75,32 @@ def _generated(task: str, n: int, seed: int, max_operand: int) -> list[dict]:
         from rewards.logic import generate_puzzles
 
         return generate_puzzles(n, seed)
-    raise ValueError(f"data.task={task!r} is neither a generated task (addition, sort, arithmetic, logic) nor a file")
+    raise ValueError(f"data.task={task!r} is neither a generated task ({', '.join(GENERATED_TASKS)}) nor a "
+                     "dataset file (.parquet, .jsonl, .json, or a `datasets` save_to_disk directory)")
 
 
-def load_dataset(task: str, n: int, seed: int, max_operand: int = 99) -> pa.Table:
-    """A generated task of n rows, or every row of a .parquet/.jsonl file (n ignored)."""
+GENERATED_TASKS = ("addition", "sort", "lookup", "arithmetic", "logic")
+
+
+def is_dataset_file(task: str) -> bool:
     path = Path(task)
-    if path.suffix in (".parquet", ".jsonl", ".json"):
+    return task not in GENERATED_TASKS and (path.suffix in (".parquet", ".jsonl", ".json") or path.is_dir()
+                                            or "/" in task)
+
+
+def load_dataset(task: str, n: int, seed: int, max_operand: int = 99, keys: DataKeys | None = None,
+                 chat: bool = False) -> pa.Table:
+    """A generated task of n rows, or every row of a .parquet / .jsonl / .json file or a Hugging Face `datasets`
+    save_to_disk directory (n ignored), checked row by row (`check_rows`): the table has `answer` (a string),
+    `prompt` (a string) or, with `chat`, possibly `messages` instead, `data_source` when the rows name one, and
+    every other column as it was (the rewards see them all)."""
+    keys = keys or DataKeys()
+    if is_dataset_file(task):
+        path = Path(task)
         if not path.exists():
             raise FileNotFoundError(f"dataset file {path} does not exist")
-        table = pq.read_table(path) if path.suffix == ".parquet" else pajson.read_json(path)
-    else:
-        table = pa.Table.from_pylist(_generated(task, n, seed, max_operand))
-    missing = {"prompt", "answer"} - set(table.column_names)
-    if missing:
-        raise ValueError(f"dataset {task}: missing column(s) {sorted(missing)}; have {table.column_names}")
-    return table
+        return check_rows(read_rows(path), str(path), keys, chat)
+    return check_rows(_generated(task, n, seed, max_operand), f"data.task={task!r}", keys, chat)
 
 
 def encode_prompts(table: pa.Table, tokenizer: CharTokenizer) -> list[list[int]]:
@@ -166,3 +199,20 @@ def pack_sft_sequences(seqs: list[list[int]], masks: list[list[int]], max_len: i
             segment_ids[r, at : at + n] = i + 1
             at += n
     return input_ids, targets, loss_mask, segment_ids
+
+
+def off_by_one_responses(table: pa.Table, rate: float, seed: int) -> pa.Table:
+    """The table with a `response` column for the warm start (`data.sft_off_by_one`): a sloppy teacher's
+    demonstrations, the integer answer plus one on a `rate` fraction of the rows (drawn with `seed`), the answer on
+    the others. The rewards still check `answer`."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"data.sft_off_by_one={rate} must be in [0, 1]")
+    answers = [str(a) for a in table.column("answer").to_pylist()]
+    bad = next((a for a in answers if not a.lstrip("-").isdigit()), None)
+    if bad is not None:
+        raise DataError(f"data.sft_off_by_one needs integer answers; found {bad!r}")
+    wrong = np.random.default_rng([seed, 0x0FF1]).random(len(answers)) < rate
+    responses = pa.array([str(int(a) + 1) if w else a for a, w in zip(answers, wrong, strict=True)])
+    if "response" in table.column_names:
+        return table.set_column(table.column_names.index("response"), "response", responses)
+    return table.append_column("response", responses)

@@ -27,16 +27,27 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from rewards.sandbox import ALLOW_WEAK_ENV
 from rl.algo.batch import with_columns
+from rl.algo.config import GRPOConfig
 from rl.algo.grpo import group_advantages
+from rl.loop.config import as_dataclass
 from rl.loop.data import sample_indices
 from rl.loop.metrics import MetricsLogger
 from rl.loop.run_dir import commit_checkpoint, create_run_dir, latest_checkpoint, prune_checkpoints, resume_run_dir
 from rl.loop.tasks import Task, make_task
-from rl.model.checkpoint import build_model, load_config, save_checkpoint
+from rl.model.checkpoint import (
+    CheckpointError,
+    build_model,
+    load_config,
+    load_tokenizer,
+    save_checkpoint,
+)
+from rl.model.hub import resolve_checkpoint
 from rl.model.presets import preset
-from rl.model.tokenizer import TOKENIZER_FILE, CharTokenizer
+from rl.model.tokenizer import TOKENIZER_FILES, CharTokenizer, Tokenizer
 from rollout.config import EngineConfig
+from trainer.config import TrainerConfig
 
 LOOP_STATE = "loop_state.json"  # written last into a checkpoint: its presence marks it complete
 
@@ -50,7 +61,8 @@ def ray_session(address: str, cpus_needed: int):
         return
     if address:
         try:
-            ray.init(address=address)
+            env = {k: os.environ[k] for k in (ALLOW_WEAK_ENV,) if k in os.environ}
+            ray.init(address=address, runtime_env={"env_vars": env} if env else None)
         except ConnectionError as err:
             hint = "" if os.environ.get("RAY_AUTH_MODE") else (
                 "; a cluster started with `ray start` uses token authentication when ~/.ray/auth_token exists: "
@@ -69,10 +81,41 @@ def ray_session(address: str, cpus_needed: int):
 class Run:
     """The state of one training run on disk, and the steps that change it."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path):
+    def __init__(self, cfg: DictConfig, run_dir: Path, checkpoint: str | Path | None = None):
+        """`checkpoint`: a model to serve instead of the run's own (keel eval); its tokenizer is the one used."""
         self.cfg, self.dir = cfg, run_dir
-        self.tokenizer = CharTokenizer()
+        self.tokenizer = self._tokenizer(checkpoint)
         self.task: Task = make_task(cfg, self.tokenizer)
+
+    def _tokenizer(self, checkpoint: str | Path | None) -> Tokenizer:
+        """The model's own tokenizer: `checkpoint`'s or model.checkpoint's (every id must fit its vocab_size), the
+        run's base/ one on resume, model.tokenizer's for a fresh preset model, or the character tokenizer."""
+        source = checkpoint or self.cfg.model.checkpoint
+        if source:
+            directory = resolve_checkpoint(source, "--checkpoint" if checkpoint else "model.checkpoint")
+            tokenizer = load_tokenizer(directory, load_config(directory).vocab_size)
+            if tokenizer is None:
+                raise FileNotFoundError(f"{directory} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): put "
+                                        "the model's tokenizer files beside its weights")
+            return tokenizer
+        base = self.dir / "base"
+        if (base / "config.json").exists():  # a resumed run: the tokenizer its base model was saved with
+            tokenizer = load_tokenizer(base, load_config(base).vocab_size)
+            if tokenizer is not None:
+                return tokenizer
+        if self.cfg.model.get("tokenizer"):
+            directory = resolve_checkpoint(self.cfg.model.tokenizer, "model.tokenizer")
+            tokenizer = load_tokenizer(directory)
+            if tokenizer is None:
+                raise FileNotFoundError(f"model.tokenizer: {directory} has no tokenizer (none of "
+                                        f"{', '.join(TOKENIZER_FILES)})")
+            wanted = self.cfg.model.overrides.get("vocab_size")
+            if wanted is not None and wanted < tokenizer.vocab_size:
+                raise CheckpointError(f"{tokenizer.vocab_file}: the tokenizer has {tokenizer.vocab_size} token ids, "
+                                      f"more than model.overrides.vocab_size={wanted}: ids >= {wanted} would have no "
+                                      "embedding row")
+            return tokenizer
+        return CharTokenizer()
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig.of(OmegaConf.to_container(self.cfg.rollout.engine))
@@ -82,31 +125,32 @@ class Run:
     def base_checkpoint(self) -> Path:
         """The starting model: the configured checkpoint, or a fresh preset model saved into the run."""
         if self.cfg.model.checkpoint:
-            src = Path(self.cfg.model.checkpoint)
+            src = resolve_checkpoint(self.cfg.model.checkpoint)
             load_config(src)  # fail early, naming the file, if it is not a model
-            if not (src / TOKENIZER_FILE).exists():
-                raise FileNotFoundError(f"{src} has no {TOKENIZER_FILE}: keel's tiny tasks need its tokenizer")
             return src
         base = self.dir / "base"
         if not (base / "config.json").exists():
-            fields = preset(self.cfg.model.preset, **OmegaConf.to_container(self.cfg.model.overrides))
+            overrides = OmegaConf.to_container(self.cfg.model.overrides)
+            fields = preset(self.cfg.model.preset, **overrides)
             fields["vocab_size"] = max(fields["vocab_size"], self.tokenizer.vocab_size)
+            for key, token in (("bos_token_id", self.tokenizer.bos_id), ("eos_token_id", self.tokenizer.eos_id),
+                               ("pad_token_id", self.tokenizer.pad_id)):
+                if token is not None and key not in overrides:
+                    fields[key] = token
             from transformers import DeepseekV32Config
 
             model = build_model(DeepseekV32Config(**fields), seed=self.cfg.model.seed)
             save_checkpoint(model, base, tokenizer=self.tokenizer)
         return base
 
-    def grpo_options(self) -> dict:
-        g = OmegaConf.to_container(self.cfg.grpo)
-        g["temperature"] = self.cfg.rollout.temperature
-        return g
-
     def trainer_group(self, policy: Path, reference: Path | None, lr: float):
+        """The trainer ranks on `policy` (and the KL reference), with the run's typed grpo and trainer sections;
+        log-probs are taken at the rollout's temperature."""
         from trainer.group import TrainerGroup
 
-        return TrainerGroup(str(policy), str(reference) if reference else None, self.grpo_options(),
-                            OmegaConf.to_container(self.cfg.trainer), lr, self.cfg.run.seed)
+        return TrainerGroup(str(policy), str(reference) if reference else None,
+                            as_dataclass(GRPOConfig, self.cfg.grpo), as_dataclass(TrainerConfig, self.cfg.trainer),
+                            lr, self.cfg.run.seed, temperature=self.cfg.rollout.temperature)
 
     def warm_start(self, base: Path) -> Path:
         """SFT on the task's answers (sft.steps > 0) into init/; otherwise init/ is the base model."""
@@ -124,7 +168,8 @@ class Run:
         try:
             for step in bar:
                 idx = sample_indices(self.task.num_train, sft.batch_size, self.cfg.run.seed + 1, step)
-                m = group.sft_step(*self.task.sft_tensors(idx), lr=warmup_lr(step, sft.lr, sft.warmup_steps))
+                m = group.sft_step(*self.task.sft_tensors(idx), lr=warmup_lr(step, sft.lr, sft.warmup_steps),
+                                   loss=sft.loss)
                 bar.set_postfix(loss=f"{m['sft_loss']:.3f}")
             group.save(str(init), tokenizer_dir=str(base))
         finally:
@@ -142,7 +187,7 @@ class Run:
             "top_k": 1 if greedy else r.top_k,
             "top_p": 1.0 if greedy else r.top_p,
             "max_tokens": r.max_tokens,
-            "stop_token_ids": [self.tokenizer.eos_id],
+            "stop_token_ids": list(self.tokenizer.stop_ids),
             "logprobs_candidates": r.logprobs_candidates or None,  # None: as many as the kept set needs
             # vLLM seeds each request with seed + prompt_index * G + sample: steps must not overlap.
             "seed": (self.cfg.run.seed * 100_003 + step) * 1_000_000,
@@ -168,6 +213,10 @@ def latest_run_checkpoint(run_dir: Path) -> Path | None:
 
 def train(cfg: DictConfig, resume: str | None = None) -> Path:
     cfg, run_dir = prepare_run_dir(cfg, resume)
+    if cfg.get("sandbox", {}).get("allow_weak"):
+        # Read by the sandbox in every process that scores code (Ray workers inherit the driver's environment
+        # on a local Ray; ray_session passes it on to a joined cluster).
+        os.environ[ALLOW_WEAK_ENV] = "1"
     cpus = int(cfg.trainer.num_ranks * cfg.trainer.cpus_per_rank + cfg.rollout.num_workers + 2)
     with ray_session(cfg.run.ray_address, cpus):
         return _train(cfg, run_dir)
@@ -178,6 +227,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> Path:
 
     run = Run(cfg, run_dir)
     print(f"keel: run directory {run_dir}")
+    if hasattr(run.task, "check_held_out"):
+        run.task.check_held_out()  # an evaluation prompt in the training set stops the run before it starts
     init = run.warm_start(run.base_checkpoint())
 
     ckpt = latest_run_checkpoint(run_dir)
@@ -232,7 +283,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> Path:
 def rl_step(run: Run, trainer, client, step: int) -> dict[str, float]:
     cfg = run.cfg
     times = {}
-    t = time.perf_counter()
+    t = start = time.perf_counter()
     idx = sample_indices(run.task.num_train, cfg.rollout.prompts_per_step, cfg.run.seed, step)
     # Scoring happens inside: reward functions for prompts, the environment's verifier for agent episodes.
     batch, rollout_metrics, texts = run.task.rollout(client, idx, run.sampling(step + 1), step)
@@ -250,19 +301,20 @@ def rl_step(run: Run, trainer, client, step: int) -> dict[str, float]:
     times["time/train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    client.update_weights(trainer.state_dict(), version=step + 1)
+    sync_weights(trainer, client, version=step + 1)
     times["time/sync"] = time.perf_counter() - t
 
     if cfg.run.dump_rollouts:
+        t = time.perf_counter()
         dump = pa.Table.from_batches([batch]).append_column("response_text", pa.array(texts))
         (run.dir / "rollouts").mkdir(exist_ok=True)
         pq.write_table(dump, run.dir / "rollouts" / f"step_{step + 1:06d}.parquet")
+        times["time/dump"] = time.perf_counter() - t
 
     # Generated tokens only: an agent episode's response also holds tool results (loss mask 0).
     masks = batch.column("loss_mask").to_pylist()
     lengths = [len(r) if m is None else sum(m) for r, m in zip(batch.column("response_ids").to_pylist(), masks,
                                                                 strict=True)]
-    total_time = sum(times.values())
     metrics.update(times)
     metrics.update(rollout_metrics)
     metrics.update(
@@ -273,10 +325,18 @@ def rl_step(run: Run, trainer, client, step: int) -> dict[str, float]:
             "response_length": sum(lengths) / len(lengths),
             "reward_failures": float(sum(bool(r) for r in reasons)),
             "tokens_per_s": sum(lengths) / max(times["time/rollout"], 1e-9),
-            "time/step": total_time,
+            # Wall time of the whole step: the phases above plus the driver's own work between them.
+            "time/step": time.perf_counter() - start,
         }
     )
     return metrics
+
+
+def sync_weights(trainer, client, version: int) -> None:
+    """Trainer rank 0 publishes its weights the way the client's workers can reach them from rank 0's node;
+    the workers load them. Only the handle (a path, shapes, an object-store ref) passes through here."""
+    file, blob = client.transport_plan(trainer.publisher_node)
+    client.load_weights(trainer.publish_weights(version, file=file, blob=blob))
 
 
 def save_run_checkpoint(run_dir: Path, trainer, state: dict, tokenizer_dir: str, keep: int) -> None:

@@ -1,4 +1,8 @@
-"""Per-step metrics: RUN_DIR/metrics.jsonl (the record) and wandb (offline unless the user opts in)."""
+"""Per-step metrics: RUN_DIR/metrics.jsonl (the record) and wandb (offline unless the user opts in).
+
+Every run kind logs through `MetricsLogger`: `keel train` with wandb, the indexer warm-up without (its steps
+restart at 0 in each phase, which wandb's step axis cannot show).
+"""
 
 from __future__ import annotations
 
@@ -6,24 +10,32 @@ import json
 import math
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
+def trim_metrics(run_dir: Path, keep: Callable[[dict], bool]) -> None:
+    """Keep only the records of RUN_DIR/metrics.jsonl for which `keep(record)` is true (before a resumed run
+    repeats the steps after its checkpoint)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and keep(json.loads(line))]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
 class MetricsLogger:
     """Appends one JSON line per record; on resume, records after the resumed checkpoint's step are dropped first
-    (they belong to steps that will run again)."""
+    (they belong to steps that will run again). wandb_mode None: the JSON lines only (WANDB_MODE is not read)."""
 
-    def __init__(self, run_dir: Path, wandb_mode: str, project: str, run_name: str, config: dict,
+    def __init__(self, run_dir: Path, wandb_mode: str | None, project: str, run_name: str, config: dict,
                  resume_step: int | None = None):
         self.path = run_dir / "metrics.jsonl"
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", -1) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        if resume_step is not None:
+            trim_metrics(run_dir, lambda record: record.get("step", -1) <= resume_step)
         self._wandb = None
-        mode = os.environ.get("WANDB_MODE", wandb_mode)
-        if mode != "disabled":
+        mode = None if wandb_mode is None else os.environ.get("WANDB_MODE", wandb_mode)
+        if mode not in (None, "disabled"):
             import wandb
 
             run_id_file = run_dir / "wandb_id"

@@ -32,6 +32,7 @@ from transformers import DeepseekV32Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from kernels import indexer_kl_loss, indexer_scores, sparse_mla_attention, topk_indices
+from kernels.topk import selection_mask
 
 
 class RMSNorm(nn.Module):
@@ -117,6 +118,15 @@ class Indexer(nn.Module):
         mask: [B, T, T] bool, True where key s is visible to query t (packed rows); the others are set to
         -inf too, so top-k never selects a token of another segment and the indexer loss never sees one.
         """
+        q, k, w = self.project(x, q_latent, cos, sin)
+        scores = indexer_scores(q, k, w)
+        return scores if mask is None else scores.masked_fill(~mask, float("-inf"))
+
+    def project(
+        self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(queries [B, T, heads, d], keys [B, T, d], head weights [B, T, heads] with both scales folded in):
+        what `indexer_scores` takes, and what a serving engine caches (the keys) token by token."""
         bsz, seqlen, _ = x.shape
         q = self.wq_b(q_latent).view(bsz, seqlen, self.n_heads, self.head_dim)
         q = torch.cat([apply_rope(q[..., : self.rope_dim], cos, sin, interleaved=False), q[..., self.rope_dim :]], -1)
@@ -124,9 +134,7 @@ class Indexer(nn.Module):
         k = torch.cat([apply_rope(k[..., : self.rope_dim], cos, sin, interleaved=False), k[..., self.rope_dim :]], -1)
         # Both scales fold into the head weights because ReLU(c * z) = c * ReLU(z) for c > 0.
         w = F.linear(x.float(), self.weights_proj.weight.float())
-        w = w * (self.n_heads**-0.5 * self.head_dim**-0.5)
-        scores = indexer_scores(q, k[:, :, 0, :], w)
-        return scores if mask is None else scores.masked_fill(~mask, float("-inf"))
+        return q, k[:, :, 0, :], w * (self.n_heads**-0.5 * self.head_dim**-0.5)
 
 
 class MLA(nn.Module):
@@ -157,6 +165,24 @@ class MLA(nn.Module):
             mscale = 0.1 * rope["mscale_all_dim"] * math.log(rope["factor"]) + 1.0
             self.softmax_scale *= mscale * mscale
 
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(q_latent, q_nope [B, T, H, nope], q_rope [B, T, H, rope], c_kv [B, T, kv_lora_rank], k_rope [B, T, rope]):
+        the per-token projections, RoPE applied; c_kv and k_rope are what a serving engine caches."""
+        bsz, seqlen, _ = x.shape
+        q_latent = self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_b_proj(q_latent).view(bsz, seqlen, self.n_heads, -1)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin, interleaved=True)
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_rope = apply_rope(k_rope[:, :, None, :], cos, sin, interleaved=True)[:, :, 0, :]
+        return q_latent, q_nope, q_rope, self.kv_a_layernorm(c_kv), k_rope
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK [H, nope, kv_lora_rank], W_UV [H, v, kv_lora_rank]): kv_b_proj split per head."""
+        wkv_b = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = wkv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        return w_uk, w_uv
+
     def forward(
         self,
         x: torch.Tensor,
@@ -166,21 +192,24 @@ class MLA(nn.Module):
         indexer_loss: bool,
         query_mask: torch.Tensor | None,
         mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """mask: [B, T, T] bool attention mask of a packed row (causal and same segment), or None: causal."""
-        bsz, seqlen, _ = x.shape
-        q_latent = self.q_a_layernorm(self.q_a_proj(x))
-        q = self.q_b_proj(q_latent).view(bsz, seqlen, self.n_heads, -1)
-        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_rope = apply_rope(q_rope, cos, sin, interleaved=True)
-        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        k_rope = apply_rope(k_rope[:, :, None, :], cos, sin, interleaved=True)[:, :, 0, :]
+        selection: torch.Tensor | None = None,
+        follow_selection: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(output, indexer loss or None, indexer agreement or None).
 
-        c_kv = self.kv_a_layernorm(c_kv)
-        wkv_b = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-        w_uk, w_uv = wkv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        mask: [B, T, T] bool attention mask of a packed row (causal and same segment), or None: causal.
+        selection: [B, T, K] positions to attend to instead of the indexer's own top-k (Keep Indexer
+        Selection: the engine's recorded choice, -1 in unused slots); the indexer loss is then taken over
+        these sets, and the agreement returned is the mean overlap of the indexer's own top-k with them.
+        follow_selection False: attend to the own top-k and only measure the agreement.
+        """
+        seqlen = x.shape[1]
+        q_latent, q_nope, q_rope, c_kv, k_rope = self.project(x, cos, sin)
+        w_uk, w_uv = self.absorbed_weights()
         # With no more tokens than index_topk, top-k keeps every earlier token: DSA is dense attention.
         select = sparse and seqlen > self.index_topk
+        if not select:
+            selection = None  # every earlier token is selected whatever was recorded
         use_indexer = self.indexer is not None and (indexer_loss or select)
 
         def absorbed() -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,11 +218,17 @@ class MLA(nn.Module):
             q_abs = torch.cat([torch.einsum("bthd,hdr->bthr", q_nope, w_uk), q_rope], dim=-1)
             return q_abs, torch.cat([c_kv, k_rope], dim=-1)
 
-        indices, loss = None, None
+        indices, loss, agreement = None, None, None
+        if selection is not None and follow_selection:
+            indices = selection
         if use_indexer:
             scores = self.indexer(x.detach(), q_latent.detach(), cos, sin, mask)
             if select:
-                indices = topk_indices(scores, self.index_topk)
+                own = topk_indices(scores, self.index_topk)
+                if indices is None:
+                    indices = own
+                if selection is not None:
+                    agreement = selection_overlap(own, selection, self.index_topk, query_mask)
             if indexer_loss:
                 q_abs, kv = absorbed()
                 # The dense target of a packed row is attention over the query's own segment: given as an
@@ -218,7 +253,21 @@ class MLA(nn.Module):
             q_abs, kv = absorbed()
             o_latent, _ = sparse_mla_attention(q_abs, kv, indices, self.softmax_scale, self.kv_lora_rank)
             o = torch.einsum("bthr,hvr->bthv", o_latent, w_uv)
-        return self.o_proj(o.flatten(2)), loss
+        return self.o_proj(o.flatten(2)), loss, agreement
+
+
+def selection_overlap(own: torch.Tensor, recorded: torch.Tensor, k: int,
+                      query_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean |own_t & recorded_t| / k over the queries t >= k (earlier ones select every token either way)
+    where query_mask [B, T] is 1: how often the indexer picks what the engine picked. own, recorded: [B, T, K]
+    positions, -1 in unused slots."""
+    s_len = own.shape[1]
+    both = selection_mask(own, s_len) & selection_mask(recorded, s_len)
+    overlap = both.sum(-1).float() / k  # [B, T]
+    weight = (torch.arange(s_len, device=own.device) >= k).float()[None].expand_as(overlap)
+    if query_mask is not None:
+        weight = weight * query_mask.float()
+    return (overlap * weight).sum() / weight.sum().clamp(min=1)
 
 
 class MLP(nn.Module):
@@ -286,7 +335,10 @@ class MoE(nn.Module):
         y = torch.zeros_like(x)
         counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()
         for e, expert in enumerate(self.experts):
-            if counts[e] == 0:
+            # Under autograd an unrouted expert still joins the graph, on zero tokens (its gradient is exactly 0):
+            # the trainer's data-parallel ranks then all have a gradient for every expert, produced in the same
+            # backward order, which ZeRO-1/2's bucketed reductions need (ranks' rows route to different experts).
+            if counts[e] == 0 and not torch.is_grad_enabled():
                 continue
             token, slot = torch.where(ids == e)
             y = y.index_add(0, token, expert(x[token]) * weights[token, slot, None].to(x.dtype))
@@ -303,14 +355,16 @@ class Block(nn.Module):
         self.is_moe = layer_id >= config.first_k_dense_replace
         self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, forced_ids, sparse, indexer_loss, query_mask, mask=None):
-        h, index_loss = self.self_attn(self.input_layernorm(x), cos, sin, sparse, indexer_loss, query_mask, mask)
+    def forward(self, x, cos, sin, forced_ids, sparse, indexer_loss, query_mask, mask=None, selection=None,
+                follow_selection=True):
+        h, index_loss, agreement = self.self_attn(self.input_layernorm(x), cos, sin, sparse, indexer_loss, query_mask,
+                                                  mask, selection, follow_selection)
         x = x + h
         if self.is_moe:
             h, ids = self.mlp(self.post_attention_layernorm(x), forced_ids)
         else:
             h, ids = self.mlp(self.post_attention_layernorm(x)), None
-        return x + h, ids, index_loss
+        return x + h, ids, (index_loss, agreement)
 
 
 class Backbone(nn.Module):
@@ -326,6 +380,7 @@ class ModelOutput:
     hidden: torch.Tensor  # [B, T, hidden_size], after the final norm
     routing: torch.Tensor | None  # [B, T, moe_layers, top_k] int64 expert ids, if asked for
     indexer_loss: torch.Tensor | None  # mean over DSA layers of the indexer KL, if asked for
+    indexer_agreement: torch.Tensor | None = None  # mean overlap of own and given top-k sets (Keep Indexer Selection)
 
 
 class Transformer(nn.Module):
@@ -355,6 +410,8 @@ class Transformer(nn.Module):
         indexer_loss: bool = False,
         query_mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        index_selection: torch.Tensor | None = None,
+        follow_selection: bool = True,
     ) -> ModelOutput:
         """Run the model on right-padded (or, with segment_ids, packed) input_ids [B, T].
 
@@ -362,6 +419,9 @@ class Transformer(nn.Module):
         sparse: DSA top-k attention (False: dense causal attention, the indexer's warm-up stage).
         indexer_loss: also return the indexer KL (dense target when sparse=False, else restricted to the
         selected sets), averaged over the queries where query_mask [B, T] is 1 and over layers.
+        index_selection: [B, T, layers, index_topk] positions each DSA layer attends to instead of its own
+        top-k (Keep Indexer Selection, -1 in unused slots); used where the sequence is longer than index_topk.
+        With follow_selection False it is only compared with the model's own choice (indexer_agreement).
         segment_ids: [B, T] for packed rows: equal along each sample, different between neighbouring samples
         (e.g. 1 1 1 2 2 0 0: two samples and padding). Each token attends only to earlier tokens of its own
         segment and, unless `positions` is given, its RoPE position is its index within the segment.
@@ -385,22 +445,31 @@ class Transformer(nn.Module):
         if indexer_loss and not self.with_indexer:
             raise ValueError("indexer_loss=True on a model built without an indexer")
 
+        if index_selection is not None and index_selection.shape[:3] != (bsz, seqlen, len(self.model.layers)):
+            raise ValueError(f"index_selection has shape {tuple(index_selection.shape)}; expected "
+                             f"[{bsz}, {seqlen}, {len(self.model.layers)}, index_topk]")
+
         x = self.model.embed_tokens(input_ids)
-        chosen, index_losses, moe_i = [], [], 0
-        for block in self.model.layers:
+        chosen, index_losses, agreements, moe_i = [], [], [], 0
+        for i, block in enumerate(self.model.layers):
             forced = None
             if block.is_moe and routing is not None:
                 forced = routing[:, :, moe_i]
-            x, ids, index_loss = block(x, cos, sin, forced, sparse, indexer_loss, query_mask, mask)
+            selection = None if index_selection is None else index_selection[:, :, i]
+            x, ids, (index_loss, agreement) = block(x, cos, sin, forced, sparse, indexer_loss, query_mask, mask,
+                                                    selection, follow_selection)
             if ids is not None:
                 chosen.append(ids)
                 moe_i += 1
             if index_loss is not None:
                 index_losses.append(index_loss)
+            if agreement is not None:
+                agreements.append(agreement)
         return ModelOutput(
             hidden=self.model.norm(x),
             routing=torch.stack(chosen, dim=2) if return_routing and chosen else None,
             indexer_loss=torch.stack(index_losses).mean() if index_losses else None,
+            indexer_agreement=torch.stack(agreements).mean() if agreements else None,
         )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -32,9 +32,10 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from rl.loop.config import ConfigError, merge_config
+from rl.algo.config import GRPOConfig
+from rl.loop.config import as_dataclass, load_checked
 from rl.loop.run_dir import commit_checkpoint, create_run_dir, latest_checkpoint, prune_checkpoints, resume_run_dir
-from rl.recipes.specialists import checkpoint_tensors, evaluate_models, print_table
+from rl.recipes.specialists import evaluate_models, print_table
 
 DATASET_COLUMNS = ("prompt", "response", "specialist", "domain", "prompt_id", "sample", "reward")
 
@@ -88,7 +89,10 @@ class DistillConfig:
 
 def load_distill_config(path: str | Path | None, overrides: list[str] | None = None) -> DictConfig:
     """Schema <- YAML file <- dot-list overrides, validated; an unknown key or bad value names the key."""
-    cfg, source = merge_config(DistillConfig, path, overrides)
+    return load_checked(DistillConfig, path, overrides, _problems)
+
+
+def _problems(cfg: DictConfig) -> list[str]:
     problems = []
     if cfg.sample.prompts_per_domain < 1 or cfg.sample.samples_per_prompt < 1:
         problems.append("sample.prompts_per_domain and sample.samples_per_prompt must be >= 1")
@@ -98,10 +102,7 @@ def load_distill_config(path: str | Path | None, overrides: list[str] | None = N
         problems.append("sft.steps and sft.batch_size must be >= 1")
     if cfg.sft.pack_length < 0:
         problems.append("sft.pack_length must be >= 0 (0: chosen from the dataset and the model's index_topk)")
-    if problems:
-        raise ConfigError(f"{source}: " + "; ".join(problems))
-    OmegaConf.set_readonly(cfg, True)
-    return cfg
+    return problems
 
 
 # ---- pure helpers -------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ def sample_all(cfg: DictConfig, run_dir: Path, models: dict[str, Path], runs: di
     try:
         for version, name in enumerate(tqdm(todo, desc="sample", unit="specialist")):
             if version:
-                client.update_weights(checkpoint_tensors(models[name]), version=version)
+                client.load_checkpoint(models[name], version=version)
             write_parquet_atomic(sample_specialist(name, runs[name], client, cfg.sample),
                                  run_dir / "shards" / f"{name}.parquet")
     finally:
@@ -252,7 +253,8 @@ def finetune(cfg: DictConfig, run_dir: Path, dataset: pa.Table, init: Path, keel
     """
     from rl.loop.data import pack_sft_sequences, pad_sft_sequences, sample_indices, sft_sequences
     from rl.model.checkpoint import load_config
-    from rl.model.tokenizer import CharTokenizer
+    from rl.model.tokenizer import Tokenizer
+    from trainer.config import TrainerConfig
     from trainer.group import TrainerGroup, warmup_lr
 
     sft = cfg.sft
@@ -260,10 +262,9 @@ def finetune(cfg: DictConfig, run_dir: Path, dataset: pa.Table, init: Path, keel
     start = json.loads((ckpt / "state.json").read_text())["step"] if ckpt else 0
     if start >= sft.steps:
         return ckpt / "model"
-    grpo = {**OmegaConf.to_container(keel_cfg.grpo), "temperature": 1.0}
-    group = TrainerGroup(str(ckpt / "model" if ckpt else init), None, grpo, OmegaConf.to_container(keel_cfg.trainer),
-                         sft.lr, cfg.run.seed)
-    tokenizer = CharTokenizer.load(init)
+    group = TrainerGroup(str(ckpt / "model" if ckpt else init), None, as_dataclass(GRPOConfig, keel_cfg.grpo),
+                         as_dataclass(TrainerConfig, keel_cfg.trainer), sft.lr, cfg.run.seed)
+    tokenizer = Tokenizer.load(init)
     seqs, masks = sft_sequences(dataset.column("prompt").to_pylist(), dataset.column("response").to_pylist(),
                                 tokenizer)
     pack_length = pack_row_length(sft.pack_length, load_config(init).index_topk, seqs) if sft.pack else 0

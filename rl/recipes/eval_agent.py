@@ -35,7 +35,7 @@ def evaluate_context_strategies(cfg: DictConfig, checkpoint: str, strategies: li
     from rollout.client import RolloutClient
 
     with ray_session(cfg.run.ray_address, cfg.rollout.num_workers + 2):
-        run = Run(cfg, Path(checkpoint))
+        run = Run(cfg, Path(checkpoint), checkpoint=checkpoint)
         client = RolloutClient(checkpoint, cfg.rollout.num_workers, run.engine_config())
         try:
             return context_strategy_table(client, run.task, run.sampling(0, greedy=greedy), strategies, samples)

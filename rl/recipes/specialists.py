@@ -14,6 +14,8 @@ Recipe directory:
   specialists/<domain>-<stamp>/ each specialist's keel run directory (checkpoints, metrics, summary.json)
   summary.json                 reward and held-out accuracy of the base and every specialist on every domain
 
+The recipe's schema and the per-domain configs: rl/recipes/specialists_config.py.
+
 Resume (`keel specialists --resume DIR`): the base SFT is skipped when its model exists, a specialist whose run
 has a summary.json is not retrained, and an interrupted one continues from its last checkpoint.
 """
@@ -26,124 +28,22 @@ import shlex
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from rl.loop.config import ConfigError, RewardConfig, load_config, merge_config
+from rl.loop.config import ConfigError
 from rl.loop.data import load_dataset
 from rl.loop.run_dir import create_run_dir, resume_run_dir, write_atomic
-from rollout.agent.environments import ENVIRONMENTS
-
-# ---- configuration ------------------------------------------------------------------------------
-
-
-@dataclass
-class RecipeRunSection:
-    name: str = "specialists"
-    output_dir: str = "runs"
-    ray_address: str = ""  # "" : RAY_ADDRESS or a local Ray started (and stopped) by keel
-    # false: specialists one after another in this process (a laptop). true: each specialist as its own Ray job
-    # (`keel train --resume RUN_DIR`) submitted to a cluster, as many at once as the cluster's resources hold.
-    parallel: bool = False
-    job_address: str = ""  # parallel: the Ray dashboard address for job submission ("" : RAY_ADDRESS)
-
-
-@dataclass
-class BaseSection:
-    checkpoint: str = ""  # an existing base model (HF dir with keel_tokenizer.json); "" : SFT one on the mixture
-    mixture: list[str] = field(default_factory=list)  # domain names whose training tasks the base SFT mixes
-    rows_per_domain: int = 2000
-    train: dict[str, Any] = field(default_factory=dict)  # keel train keys for the base SFT (sft.steps, model...)
-
-
-@dataclass
-class DomainSection:
-    name: str = ""
-    task: str = ""  # data.task: a generated task (addition, sort, arithmetic, logic) or a .parquet/.jsonl file;
-    # for an agent domain, the environment kind (agent.environment: search | planner | codefix | mixed)
-    enabled: bool = True
-    agent: bool = False  # a multi-turn tool-use domain: episodes in synthesized environments, no `rewards`
-    rewards: list[RewardConfig] = field(default_factory=list)  # empty: the shared `train.rewards`
-    train: dict[str, Any] = field(default_factory=dict)  # keel train keys over the shared `train` section
-
-
-@dataclass
-class SpecialistsConfig:
-    run: RecipeRunSection = field(default_factory=RecipeRunSection)
-    train: dict[str, Any] = field(default_factory=dict)  # keel train keys every specialist starts from
-    base: BaseSection = field(default_factory=BaseSection)
-    domains: list[DomainSection] = field(default_factory=list)
-
-
-def load_specialists_config(path: str | Path | None, overrides: list[str] | None = None) -> DictConfig:
-    """Schema <- YAML file <- dot-list overrides, validated; an unknown key or bad value names the key."""
-    cfg, source = merge_config(SpecialistsConfig, path, overrides)
-    _validate(cfg, source)
-    OmegaConf.set_readonly(cfg, True)
-    return cfg
-
-
-def _validate(cfg: DictConfig, source: str) -> None:
-    problems = []
-    names = [d.name for d in cfg.domains]
-    if not enabled_domains(cfg):
-        problems.append("domains: enable at least one domain")
-    if any(not n for n in names) or len(set(names)) != len(names):
-        problems.append(f"domains: every domain needs a unique, non-empty name (have {names})")
-    for i, d in enumerate(cfg.domains):
-        if not d.task:
-            problems.append(f"domains[{i}] ({d.name}): task is empty")
-        if d.agent and d.task != "mixed" and d.task not in ENVIRONMENTS:
-            problems.append(f"domains[{i}] ({d.name}): an agent domain's task is an environment kind "
-                            f"(mixed or one of {sorted(ENVIRONMENTS)}), not {d.task!r}")
-    if not cfg.base.checkpoint:
-        agents = [d.name for d in cfg.domains if d.agent and d.name in cfg.base.mixture]
-        if agents:
-            problems.append(f"base.mixture: {agents} are agent domains, which have no prompts to mix; their "
-                            "specialists warm-start on oracle episodes instead (the domain's sft.steps)")
-        unknown = [n for n in cfg.base.mixture if n not in names]
-        if not cfg.base.mixture or unknown:
-            problems.append(f"base.mixture={list(cfg.base.mixture)}: name domains to SFT the base on "
-                            f"(unknown: {unknown}), or set base.checkpoint")
-    if problems:
-        raise ConfigError(f"{source}: " + "; ".join(problems))
-
-
-def enabled_domains(recipe: DictConfig) -> list[DictConfig]:
-    return [d for d in recipe.domains if d.enabled]
-
-
-def domain_config(recipe: DictConfig, domain: DictConfig, directory: Path, fixed: list[str]) -> DictConfig:
-    """The keel train config of one domain: shared `train` <- the domain's `train`, task and rewards <- `fixed`.
-
-    The merged YAML is written to directory/<domain>.yaml first, so keel's own loader validates it and its
-    errors name that file.
-    """
-    task = {"agent": {"enabled": True, "environment": domain.task}} if domain.agent else {"data": {"task": domain.task}}
-    layers = [recipe.train, domain.train, task]
-    if domain.rewards and not domain.agent:
-        layers.append({"rewards": domain.rewards})  # a list in a merge replaces the shared one
-    merged = OmegaConf.merge(*(OmegaConf.to_container(OmegaConf.create(x)) for x in layers))
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{domain.name}.yaml"
-    path.write_text(OmegaConf.to_yaml(merged))
-    return load_config(path, fixed)
-
-
-def base_config(recipe: DictConfig, mixture: Path, directory: Path) -> DictConfig:
-    """The keel config of the base SFT: shared `train` <- `base.train`, data = the written mixture."""
-    merged = OmegaConf.merge(*(OmegaConf.to_container(x) for x in (recipe.train, recipe.base.train)))
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "base.yaml"
-    path.write_text(OmegaConf.to_yaml(merged))
-    return load_config(path, [f"data.task={mixture}", f"data.eval_task={mixture}"])
-
+from rl.recipes.specialists_config import (
+    base_config,
+    domain_config,
+    enabled_domains,
+    load_specialists_config,
+)
 
 # ---- recipe state -------------------------------------------------------------------------------
 
@@ -182,18 +82,6 @@ def prepare_recipe_dir(recipe: DictConfig, resume: str | None) -> tuple[DictConf
 # ---- evaluation (shared with rl/recipes/distill.py) -----------------------------------------------------
 
 
-def checkpoint_tensors(model_dir: str | Path) -> dict:
-    """Every tensor of an HF checkpoint by name: what RolloutClient.update_weights expects."""
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    if not tensors:
-        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
-    return tensors
-
-
 def evaluate_domain(run, client) -> dict[str, float]:
     """Greedy decoding on the domain's held-out set: mean reward and accuracy (every reward earned in full)."""
     metrics = run.evaluate(client)
@@ -203,8 +91,8 @@ def evaluate_domain(run, client) -> dict[str, float]:
 def evaluate_models(models: dict[str, Path], domains: dict[str, DictConfig], work_dir: Path) -> dict:
     """{model: {domain: {"reward", "accuracy"}}} for every model on every domain's held-out set.
 
-    One rollout engine serves them all: it starts on the first model and receives each next model's weights
-    the way it receives the trainer's during RL (an engine start costs far more than a weight push).
+    One rollout engine serves them all: it starts on the first model and loads each next model's weights the way
+    it loads the trainer's during RL, from the checkpoint's own file (an engine start costs far more than that).
     """
     from rl.loop.driver import Run
     from rollout.client import RolloutClient
@@ -218,7 +106,7 @@ def evaluate_models(models: dict[str, Path], domains: dict[str, DictConfig], wor
         bar = tqdm(total=len(models) * len(runs), desc="evaluate", unit="eval")
         for version, (model, path) in enumerate(models.items()):
             if version:
-                client.update_weights(checkpoint_tensors(path), version=version)
+                client.load_checkpoint(path, version=version)
             for domain, run in runs.items():
                 table.setdefault(model, {})[domain] = evaluate_domain(run, client)
                 bar.update()
@@ -306,7 +194,8 @@ def preflight(recipe: DictConfig) -> dict[str, DictConfig]:
     configs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for d in enabled_domains(recipe):
-            cfg = specialist_config(recipe, d, Path(tmp), recipe.base.checkpoint or Path(tmp) / "base")
+            # Before the base exists its config names no checkpoint: the preset base has the character tokenizer.
+            cfg = specialist_config(recipe, d, Path(tmp), recipe.base.checkpoint or "")
             try:
                 Run(cfg, Path(tmp))
             except (ValueError, FileNotFoundError) as err:

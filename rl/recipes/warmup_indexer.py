@@ -1,6 +1,7 @@
 """`keel warmup-indexer`: turn a dense DeepSeek-V3-style model into a DSA model (DeepSeek-V3.2, section 2.1.1).
 
-Phases, each a DeepSpeed engine over keel's model, each resumable from its last checkpoint:
+Phases, each trained by keel's trainer group (trainer/: DeepSpeed ranks in Ray actors, the same as every other
+run, with the loss kinds of `trainer.objective.LOSSES`), each resumable from its last checkpoint:
   pretrain  (tiny demo only) a dense model without an indexer learns the corpus          -> dense/
   dense     a fresh lightning indexer is added and trained alone (backbone frozen) on the KL between
             the head-summed main attention and softmax of its scores, over all causal tokens -> warmup/
@@ -8,11 +9,13 @@ Phases, each a DeepSpeed engine over keel's model, each resumable from its last 
             restricted to the selected tokens (the model detaches the indexer's input)    -> dsa/
 Then the held-out LM loss of the dense model against the DSA model at each evaluation length.
 
-Nothing is downloaded: the corpus is generated (`copy_corpus`), in the character tokenizer's ids.
+The recipe's schema and checks: rl/recipes/warmup_config.py. Nothing is downloaded: the corpus is generated
+(`copy_corpus`), in the character tokenizer's ids.
 
 Run directory:
   config.yaml                    the resolved configuration
   dense/ warmup/ dsa/            each phase's result (HF format); its config.json present = phase finished
+  checkpoints/<phase>/init/      the model a phase starts from when it is built here (pretrain, dense)
   checkpoints/<phase>/step_N/    model/ (HF), optim/ (DeepSpeed), state.json (written last)
   metrics.jsonl                  one line per step and per evaluation: {"phase", "step", ...}
   summary.json                   the dense vs DSA comparison
@@ -21,125 +24,31 @@ Run directory:
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import shutil
-import socket
 import string
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from transformers import DeepseekV32Config
 
-from rl.algo.logprobs import token_logprobs
-from rl.loop.config import ConfigError, merge_config
+from rl.algo.config import GRPOConfig
+from rl.loop.config import ConfigError
+from rl.loop.metrics import MetricsLogger, trim_metrics
 from rl.loop.run_dir import commit_checkpoint, create_run_dir, latest_checkpoint, prune_checkpoints, resume_run_dir
-from rl.model.checkpoint import build_model, has_indexer, load_config, load_model, save_checkpoint
+from rl.model.checkpoint import INDEXER_FIELDS, build_model, has_indexer, load_config, load_model, save_checkpoint
 from rl.model.presets import preset
-from rl.model.tokenizer import TOKENIZER_FILE, CharTokenizer
+from rl.model.tokenizer import CharTokenizer, Tokenizer, has_tokenizer
 from rl.model.transformer import Transformer
+from rl.recipes.warmup_config import PHASES, load_warmup_config
+from trainer.config import TrainerConfig
+from trainer.objective import held_out_loss
 
-PHASES = ("pretrain", "dense", "sparse")
 PHASE_OUTPUT = {"pretrain": "dense", "dense": "warmup", "sparse": "dsa"}
-
-# ---- configuration ------------------------------------------------------------------------------
-
-
-@dataclass
-class RunSection:
-    name: str = "warmup-indexer"
-    output_dir: str = "runs"
-    seed: int = 0
-    threads: int = 0  # torch intra-op threads; 0: torch's default (1 avoids oversubscribing a busy CPU)
-    checkpoint_every: int = 50  # steps between resumable checkpoints within a phase (0: phase ends only)
-    eval_every: int = 50  # steps between held-out evaluations within a phase (0: phase ends only)
-
-
-@dataclass
-class ModelSection:
-    checkpoint: str = ""  # dense DeepSeek-V3-style HF checkpoint; "" : pretrain a preset model here
-    preset: str = "tiny"  # rl.model.presets name for the pretrained dense model
-    overrides: dict[str, Any] = field(default_factory=dict)  # config.json fields over the preset
-    seed: int = 0  # initialises the pretrained model and the fresh indexer
-    # The indexer added to the dense model; 0 keeps the value in the dense model's config.json.
-    index_topk: int = 16
-    index_n_heads: int = 0
-    index_head_dim: int = 0
-
-
-@dataclass
-class DataSection:
-    seq_len: int = 128  # training length (characters after <bos>)
-    period: int = 32  # the repeated segment's length: each copied token sits `period` tokens back
-    eval_lengths: list[int] = field(default_factory=lambda: [32, 64, 128])  # the table's lengths
-    eval_sequences: int = 64
-    eval_seed: int = 12345  # held-out sequences; training batches derive from run.seed
-
-
-@dataclass
-class PhaseSection:
-    steps: int = 0
-    batch_size: int = 8
-    lr: float = 1e-3  # the backbone's (pretrain, sparse) or the indexer's (dense)
-    indexer_lr: float = 1e-3  # sparse phase: the indexer's own learning rate
-    indexer_loss_coef: float = 1.0  # sparse phase: weight of the indexer KL (its gradient is disjoint)
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at the last step
-
-
-@dataclass
-class DeepSpeedSection:
-    zero_stage: int = 0
-    grad_clip: float = 1.0
-
-
-@dataclass
-class WarmupConfig:
-    run: RunSection = field(default_factory=RunSection)
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    pretrain: PhaseSection = field(default_factory=lambda: PhaseSection(steps=400, lr=3e-3))
-    dense: PhaseSection = field(default_factory=lambda: PhaseSection(steps=200, lr=3e-3))
-    sparse: PhaseSection = field(default_factory=lambda: PhaseSection(steps=100, lr=3e-4))
-    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
-
-
-def load_warmup_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """Schema <- YAML file <- dot-list overrides, validated; an unknown key or bad value names the key."""
-    cfg, source = merge_config(WarmupConfig, path, overrides)
-    _validate(cfg, source)
-    OmegaConf.set_readonly(cfg, True)
-    return cfg
-
-
-def _validate(cfg: DictConfig, source: str) -> None:
-    problems = []
-    if not cfg.model.checkpoint and cfg.pretrain.steps <= 0:
-        problems.append("model.checkpoint is empty and pretrain.steps=0: give --checkpoint DIR or pretrain steps")
-    if not 1 <= cfg.data.period <= cfg.data.seq_len:
-        problems.append(f"data.period={cfg.data.period} must be in [1, data.seq_len={cfg.data.seq_len}]")
-    if not cfg.data.eval_lengths or not all(1 <= n <= cfg.data.seq_len for n in cfg.data.eval_lengths):
-        problems.append(f"data.eval_lengths={list(cfg.data.eval_lengths)} must be in [1, data.seq_len]")
-    if cfg.model.index_topk and cfg.model.index_topk >= cfg.data.seq_len:
-        problems.append(
-            f"model.index_topk={cfg.model.index_topk} >= data.seq_len={cfg.data.seq_len}: top-k attention would "
-            "be dense attention at every length trained"
-        )
-    for name in PHASES:
-        phase = cfg[name]
-        if phase.steps < 0 or phase.batch_size < 1:
-            problems.append(f"{name}.steps must be >= 0 and {name}.batch_size >= 1")
-    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
-        problems.append(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} must be 0..3")
-    if problems:
-        raise ConfigError(f"{source}: " + "; ".join(problems))
-
+PHASE_LOSS = {"pretrain": "lm", "dense": "indexer_dense", "sparse": "lm_sparse_indexer"}  # trainer.objective.LOSSES
 
 # ---- data and the math (pure functions) -----------------------------------------------------------
 
@@ -177,25 +86,6 @@ def attended_fraction(seq_len: int, topk: int) -> float:
     return float(t.clamp(max=topk).sum() / t.sum())
 
 
-def lm_loss(model: Transformer, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token negative log-likelihood of targets [B, T] given final hidden states [B, T, D]."""
-    logp, _ = token_logprobs(hidden, model.lm_head.weight, targets)
-    return -logp.mean()
-
-
-@torch.no_grad()
-def held_out_loss(model: Transformer, ids: torch.Tensor, sparse: bool, batch_size: int = 16) -> float:
-    """Mean held-out LM loss (nats per token) of `model` on ids [N, T + 1], with or without top-k attention."""
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start : start + batch_size]
-        out = model(chunk[:, :-1], sparse=sparse)
-        total += lm_loss(model, out.hidden, chunk[:, 1:]).item() * chunk[:, 1:].numel()
-        count += chunk[:, 1:].numel()
-    return total / count
-
-
 def add_fresh_indexer(dense: Transformer, config: DeepseekV32Config, seed: int) -> Transformer:
     """A DSA model holding the dense model's weights and a freshly initialised lightning indexer."""
     model = build_model(config, seed=seed, with_indexer=True)
@@ -204,42 +94,6 @@ def add_fresh_indexer(dense: Transformer, config: DeepseekV32Config, seed: int) 
     if stray or unexpected:
         raise ValueError(f"dense weights do not fit the DSA model: missing {stray[:5]}, unexpected {unexpected[:5]}")
     return model
-
-
-# ---- DeepSpeed --------------------------------------------------------------------------------------
-
-
-def _init_distributed() -> None:
-    """One in-process rank unless a launcher set RANK/WORLD_SIZE; gloo on CPU, NCCL on GPU."""
-    import deepspeed
-
-    if not os.environ.get("MASTER_PORT"):
-        with socket.socket() as s:  # a free port for the single-process group
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
-        os.environ.setdefault(key, value)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-
-
-def make_engine(model: Transformer, groups: list[dict], batch_size: int, ds: DictConfig):
-    """A DeepSpeed engine over `model` whose AdamW updates only the parameters in `groups`."""
-    import deepspeed
-
-    _init_distributed()
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
-    config = {
-        "train_micro_batch_size_per_gpu": batch_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": batch_size * int(os.environ["WORLD_SIZE"]),
-        "gradient_clipping": ds.grad_clip,
-        "zero_optimization": {"stage": ds.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-    }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    return engine
 
 
 # ---- the run ------------------------------------------------------------------------------------------
@@ -254,12 +108,13 @@ class WarmupRun:
         self.held_out = copy_corpus(
             cfg.data.eval_sequences, cfg.data.seq_len, cfg.data.period, cfg.data.eval_seed, self.tokenizer
         )
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics = MetricsLogger(run_dir, None, "keel", run_dir.name, {})
+        self.metrics_path = self.metrics.path
 
-    def _tokenizer(self) -> CharTokenizer:
+    def _tokenizer(self) -> Tokenizer:
         source = Path(self.cfg.model.checkpoint) if self.cfg.model.checkpoint else None
-        if source is not None and (source / TOKENIZER_FILE).exists():
-            return CharTokenizer.load(source)
+        if source is not None and has_tokenizer(source):
+            return Tokenizer.load(source)
         return CharTokenizer()
 
     # ---- models
@@ -277,7 +132,7 @@ class WarmupRun:
     def dsa_config(self) -> DeepseekV32Config:
         """The dense config with the indexer's fields set (index_topk, index_n_heads, index_head_dim)."""
         fields = load_config(self.dense_dir()).to_dict()
-        for key in ("index_topk", "index_n_heads", "index_head_dim"):
+        for key in INDEXER_FIELDS:
             if self.cfg.model[key]:
                 fields[key] = self.cfg.model[key]
         config = DeepseekV32Config(**{k: v for k, v in fields.items() if k in DeepseekV32Config.__dataclass_fields__})
@@ -296,23 +151,8 @@ class WarmupRun:
             raise ConfigError(f"{directory}: vocab_size {model.config.vocab_size} < the corpus tokenizer's")
         return model
 
-    # ---- metrics
-
     def log(self, phase: str, step: int, metrics: dict[str, float]) -> None:
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps({"phase": phase, "step": step, **metrics}) + "\n")
-
-    def _trim_metrics(self, phase: str, start: int) -> None:
-        """Before (re)starting `phase` at `start`: drop its records after `start` and all of later phases."""
-        if not self.metrics_path.exists():
-            return
-        limit = (PHASES.index(phase), start if start else -1)
-        kept = []
-        for line in self.metrics_path.read_text().splitlines():
-            record = json.loads(line)
-            if (PHASES.index(record["phase"]), record["step"]) <= limit:
-                kept.append(line + "\n")
-        self.metrics_path.write_text("".join(kept))
+        self.metrics.log(step, {"phase": phase, **metrics})
 
     # ---- checkpoints
 
@@ -320,64 +160,78 @@ class WarmupRun:
         """The newest checkpoint of `phase` whose state.json exists (it is written last)."""
         return latest_checkpoint(self.dir / "checkpoints" / phase, "state.json")
 
-    def save_phase_checkpoint(self, phase: str, engine, step: int) -> Path:
+    def save_phase_checkpoint(self, phase: str, group, step: int) -> Path:
+        """model/ + optim/ of the trainer group, then state.json; only the newest one of a phase is kept."""
         path = self.dir / "checkpoints" / phase / f"step_{step}"
-        save_checkpoint(engine.module, path / "model", tokenizer=self.tokenizer)
-        engine.save_checkpoint(str(path / "optim"), tag="state")
+        group.save(str(path), tokenizer_dir=str(self.phase_start(phase)))
         commit_checkpoint(path, {"phase": phase, "step": step}, "state.json")
-        # Only the newest checkpoint of a phase is needed to resume it.
         prune_checkpoints(self.dir / "checkpoints" / phase, "state.json", keep=1)
         return path
 
     # ---- one phase
 
-    def train_phase(
-        self,
-        phase: str,
-        model: Transformer,
-        groups: list[dict],
-        loss_fn: Callable[[Any, torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
-        evaluate: Callable[[Transformer], dict[str, float]],
-    ) -> Transformer:
-        """Train `model` for the phase's steps (resuming from its last checkpoint) and save its result.
+    def phase_start(self, phase: str) -> Path:
+        """The checkpoint a phase starts from: its init/ (built here) or, for the sparse stage, warmup/."""
+        return self.dir / "warmup" if phase == "sparse" else self.dir / "checkpoints" / phase / "init"
 
-        loss_fn(engine, ids) -> (loss to minimise, metrics); evaluate(model) -> held-out metrics.
-        """
-        p = self.cfg[phase]
+    def phase_trainer(self, phase: str, policy: Path):
+        """A trainer group on `policy` whose optimiser trains what the phase trains, and the base learning rate of
+        each of its parameter groups (backbone, then indexer)."""
+        from trainer.group import TrainerGroup
+
+        p, run = self.cfg[phase], self.cfg.run
+        options = GRPOConfig(weight_decay=0.0, grad_clip=self.cfg.deepspeed.grad_clip, mini_batch_size=p.batch_size,
+                             train_indexer=phase != "pretrain", indexer_lr=p.lr if phase == "dense" else p.indexer_lr,
+                             indexer_loss_coef=p.indexer_loss_coef)
+        trainer = TrainerConfig(num_ranks=1, zero_stage=self.cfg.deepspeed.zero_stage, dtype="float32",
+                                cpus_per_rank=float(rank_threads(run.threads)),
+                                gpus_per_rank=1.0 if torch.cuda.is_available() else 0.0)
+        base_lrs = {"pretrain": [p.lr], "dense": [p.lr], "sparse": [p.lr, p.indexer_lr]}[phase]
+        group = TrainerGroup(str(policy), None, options, trainer, p.lr, run.seed, freeze_backbone=phase == "dense")
+        return group, base_lrs
+
+    def train_phase(self, phase: str) -> None:
+        """Train the phase's steps from its start checkpoint (or resume from its last checkpoint), then export
+        its result to PHASE_OUTPUT[phase] and drop its checkpoints."""
+        p, run = self.cfg[phase], self.cfg.run
         ckpt = self.latest_checkpoint(phase)
-        engine = make_engine(model, groups, p.batch_size, self.cfg.deepspeed)
-        start = 0
-        if ckpt is not None:  # weights and optimiser state; model/ beside it is the same weights in HF format
-            engine.load_checkpoint(str(ckpt / "optim"), tag="state", load_optimizer_states=True,
-                                   load_lr_scheduler_states=False)
-            start = json.loads((ckpt / "state.json").read_text())["step"]
-            print(f"keel: {phase}: resumed from {ckpt} at step {start}")
-        self._trim_metrics(phase, start)
-        if start == 0:
-            self.log(phase, 0, evaluate(model))
-        base_lrs = [g["lr"] for g in groups]
-        run = self.cfg.run
-        bar = tqdm(range(start, p.steps), desc=phase, unit="step", initial=start, total=p.steps)
-        for step in bar:
-            for group, base in zip(engine.optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = lr_at(step, base, p.warmup_steps, p.steps, p.min_lr_ratio)
-            ids = copy_corpus(p.batch_size, self.cfg.data.seq_len, self.cfg.data.period,
-                              batch_seed(run.seed, phase, step), self.tokenizer)
-            engine.train()
-            loss, metrics = loss_fn(engine, ids)
-            engine.backward(loss)
-            engine.step()
-            done = step + 1
-            if (run.eval_every and done % run.eval_every == 0) or done == p.steps:
-                metrics.update(evaluate(model))
-            self.log(phase, done, metrics)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if not k.startswith("eval/")}, refresh=False)
-            if run.checkpoint_every and done % run.checkpoint_every == 0 and done < p.steps:
-                self.save_phase_checkpoint(phase, engine, done)
-        bar.close()
-        save_checkpoint(model, self.dir / PHASE_OUTPUT[phase], tokenizer=self.tokenizer)
+        group, base_lrs = self.phase_trainer(phase, ckpt / "model" if ckpt else self.phase_start(phase))
+        try:
+            start = 0
+            if ckpt is not None:  # the weights came from model/; the optimiser state from optim/
+                group.load_optimizer(str(ckpt))
+                start = json.loads((ckpt / "state.json").read_text())["step"]
+                print(f"keel: {phase}: resumed from {ckpt} at step {start}")
+            limit = (PHASES.index(phase), start if start else -1)
+            trim_metrics(self.dir, lambda r: (PHASES.index(r["phase"]), r["step"]) <= limit)
+            if start == 0:
+                self.log(phase, 0, self.evaluate(phase, group))
+            bar = tqdm(range(start, p.steps), desc=phase, unit="step", initial=start, total=p.steps)
+            for step in bar:
+                ids = copy_corpus(p.batch_size, self.cfg.data.seq_len, self.cfg.data.period,
+                                  batch_seed(run.seed, phase, step), self.tokenizer)
+                lrs = [lr_at(step, base, p.warmup_steps, p.steps, p.min_lr_ratio) for base in base_lrs]
+                targets = ids[:, 1:]
+                metrics = group.train_step(ids[:, :-1], targets, torch.ones(targets.shape), lrs, PHASE_LOSS[phase])
+                done = step + 1
+                if (run.eval_every and done % run.eval_every == 0) or done == p.steps:
+                    metrics.update(self.evaluate(phase, group))
+                self.log(phase, done, metrics)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if not k.startswith("eval/")}, refresh=False)
+                if run.checkpoint_every and done % run.checkpoint_every == 0 and done < p.steps:
+                    self.save_phase_checkpoint(phase, group, done)
+            bar.close()
+            group.export(str(self.dir / PHASE_OUTPUT[phase]), tokenizer_dir=str(self.phase_start(phase)))
+        finally:
+            group.shutdown()
         shutil.rmtree(self.dir / "checkpoints" / phase, ignore_errors=True)
-        return model
+
+    def evaluate(self, phase: str, group) -> dict[str, float]:
+        """Held-out LM loss of the phase's model: dense for the pretrained model, with top-k attention at the
+        training length once it has an indexer (what the indexer's choices cost)."""
+        sparse = phase != "pretrain"
+        key = "eval/sparse_lm_loss" if sparse else "eval/dense_lm_loss"
+        return {key: group.eval_loss(self.eval_ids(16), sparse=sparse)}
 
     def finished(self, phase: str) -> bool:
         return (self.dir / PHASE_OUTPUT[phase] / "config.json").exists()
@@ -389,55 +243,22 @@ class WarmupRun:
 
     def pretrain(self) -> None:
         """A dense model (no indexer) learns the corpus: the demo's stand-in for a DeepSeek-V3 checkpoint."""
-        model = build_model(self.dense_config(), seed=self.cfg.model.seed, with_indexer=False)
-        groups = [{"params": list(model.parameters()), "lr": self.cfg.pretrain.lr, "weight_decay": 0.0}]
-
-        def loss_fn(engine, ids):
-            loss = lm_loss(model, engine(ids[:, :-1], sparse=False).hidden, ids[:, 1:])
-            return loss, {"lm_loss": loss.item()}
-
-        def evaluate(m):
-            return {"eval/dense_lm_loss": held_out_loss(m, self.eval_ids(16), sparse=False)}
-
-        self.train_phase("pretrain", model, groups, loss_fn, evaluate)
+        if self.latest_checkpoint("pretrain") is None:
+            model = build_model(self.dense_config(), seed=self.cfg.model.seed, with_indexer=False)
+            save_checkpoint(model, self.phase_start("pretrain"), tokenizer=self.tokenizer)
+        self.train_phase("pretrain")
 
     def dense_warmup(self) -> None:
         """Only the fresh indexer trains, on the dense KL; the LM loss is reported (the backbone cannot move)."""
-        model = add_fresh_indexer(self.load_dense(), self.dsa_config(), self.cfg.model.seed)
-        for p in model.backbone_parameters():
-            p.requires_grad_(False)
-        groups = [{"params": model.indexer_parameters(), "lr": self.cfg.dense.lr, "weight_decay": 0.0}]
-
-        def loss_fn(engine, ids):
-            out = engine(ids[:, :-1], sparse=False, indexer_loss=True)
-            with torch.no_grad():
-                lm = lm_loss(model, out.hidden, ids[:, 1:])
-            return out.indexer_loss, {"indexer_kl": out.indexer_loss.item(), "lm_loss": lm.item()}
-
-        self.train_phase("dense", model, groups, loss_fn, self._evaluate_sparse)
+        if self.latest_checkpoint("dense") is None:
+            model = add_fresh_indexer(self.load_dense(), self.dsa_config(), self.cfg.model.seed)
+            save_checkpoint(model, self.phase_start("dense"), tokenizer=self.tokenizer)
+        self.train_phase("dense")
 
     def sparse_stage(self) -> None:
-        """Top-k attention on: LM loss on the backbone, the sparse KL on the indexer (disjoint gradients)."""
-        model = load_model(self.dir / "warmup")
-        c = self.cfg.sparse
-        # One AdamW with two groups is two optimisers: the model detaches the indexer's input, so the LM loss
-        # reaches only backbone parameters and the KL only indexer parameters.
-        groups = [
-            {"params": model.backbone_parameters(), "lr": c.lr, "weight_decay": 0.0},
-            {"params": model.indexer_parameters(), "lr": c.indexer_lr, "weight_decay": 0.0},
-        ]
-
-        def loss_fn(engine, ids):
-            out = engine(ids[:, :-1], sparse=True, indexer_loss=True)
-            lm = lm_loss(model, out.hidden, ids[:, 1:])
-            loss = lm + c.indexer_loss_coef * out.indexer_loss
-            return loss, {"indexer_kl": out.indexer_loss.item(), "lm_loss": lm.item()}
-
-        self.train_phase("sparse", model, groups, loss_fn, self._evaluate_sparse)
-
-    def _evaluate_sparse(self, model: Transformer) -> dict[str, float]:
-        """The held-out LM loss with top-k attention at the training length: what the indexer's choices cost."""
-        return {"eval/sparse_lm_loss": held_out_loss(model, self.eval_ids(16), sparse=True)}
+        """Top-k attention on: LM loss on the backbone, the sparse KL on the indexer (disjoint gradients: the model
+        detaches the indexer's input, so one AdamW with two groups is two optimisers)."""
+        self.train_phase("sparse")
 
     # ---- the comparison
 
@@ -500,29 +321,41 @@ def prepare_run_dir(cfg: DictConfig | None, resume: str | None) -> tuple[DictCon
     return cfg, create_run_dir(cfg.run.output_dir, cfg.run.name, cfg)
 
 
+def rank_threads(threads: int) -> int:
+    """run.threads resolved: the given count, or every core of this host for 0."""
+    return threads or os.cpu_count() or 1
+
+
 def warmup_indexer(cfg: DictConfig | None, resume: str | None = None, stop_after: str | None = None) -> Path:
     """Run (or resume) the recipe; returns the run directory. Finished phases are not redone.
 
     stop_after: "pretrain" or "dense" ends the run once that phase is finished (to run the phases as separate
     jobs); `--resume` continues with the rest.
     """
+    from rl.loop.driver import ray_session
+
     if stop_after not in (None, "pretrain", "dense"):
         raise ValueError(f"stop_after={stop_after!r}: choose pretrain or dense")
     cfg, run_dir = prepare_run_dir(cfg, resume)
     if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+        torch.set_num_threads(cfg.run.threads)  # this process's evaluation of the finished models (`compare`)
     torch.manual_seed(cfg.run.seed)
     run = WarmupRun(cfg, run_dir)
     print(f"keel: run directory {run_dir}")
-    for phase, step in (("pretrain", run.pretrain), ("dense", run.dense_warmup), ("sparse", run.sparse_stage)):
-        if phase == "pretrain" and cfg.model.checkpoint:
-            continue
-        if not run.finished(phase):
-            step()
-        if stop_after == phase:
-            print(f"keel: stopped after the {phase} phase; continue with --resume {run_dir}")
-            return run_dir
-    summary = run.compare()
+    phases = [("pretrain", run.pretrain), ("dense", run.dense_warmup), ("sparse", run.sparse_stage)]
+    if cfg.model.checkpoint:
+        phases = phases[1:]
+    try:
+        with ray_session(cfg.run.ray_address, cpus_needed=rank_threads(cfg.run.threads) + 1):
+            for phase, train in phases:
+                if not run.finished(phase):
+                    train()
+                if stop_after == phase:
+                    print(f"keel: stopped after the {phase} phase; continue with --resume {run_dir}")
+                    return run_dir
+        summary = run.compare()
+    finally:
+        run.metrics.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(format_table(summary))
     print(f"keel: DSA checkpoint {run_dir / 'dsa'}, metrics {run.metrics_path}")

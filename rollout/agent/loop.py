@@ -25,7 +25,7 @@ hold). When the next prompt would not fit, `context_strategy` makes room (`conte
 the episode continues from the shortened conversation; that is a new token stream (a new
 `Segment`), and the row is the last one: tokens before the cut are not trained on, and each use is
 counted in the metrics. With strategy "none" the episode ends instead. With "summary" the policy
-writes the summary (`ModelSummarizer`): the episodes that overflow in one round have their summary
+writes the summary (`rollout.agent.summary.ModelSummarizer`): the episodes that overflow in one round have their summary
 requests sent in one more `generate` call, then each restarts from its head and its summary. The
 summary turns are not part of any row (nothing is trained on them); the metrics count them.
 
@@ -44,60 +44,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from rl.algo.batch import make_rollout_batch, routing_of
-from rl.model.tokenizer import CharTokenizer
+from rl.algo.batch import append_columns, make_rollout_batch, routing_of
 from rollout.agent.context import ContextStrategy, context_metrics, make_room, summary_input
-from rollout.agent.environments.base import Environment, plain
+from rollout.agent.environments.base import Environment
 from rollout.agent.messages import Message
+from rollout.agent.summary import SUMMARY_COUNTERS, ModelSummarizer, summarize_all, summary_counts
 from rollout.agent.template import ChatTemplate
+from rollout.agent.tokens import decode_ids, encode_text, fits, turn_sampling
 
 # Why an episode ended; finish_reason of its row.
 STOP, MAX_TURNS, CONTEXT, TRUNCATED, PARSE_ERROR = "stop", "max_turns", "context_budget", "length", "parse_error"
 TOOL_THREADS = 8  # tool calls of different episodes run side by side (sandboxed code runs in subprocesses)
-
-
-# ---- tokens ------------------------------------------------------------------------------------------
-
-
-def encode_text(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of a piece of text, nothing added (keel's CharTokenizer or a Hugging Face tokenizer)."""
-    if isinstance(tokenizer, CharTokenizer):
-        return tokenizer.encode(text, bos=False)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def decode_ids(tokenizer: Any, ids: list[int]) -> str:
-    """Text of generated ids with special tokens kept, so a template can see its end-of-turn token."""
-    if isinstance(tokenizer, CharTokenizer):
-        return tokenizer.decode(ids)
-    return tokenizer.decode(ids, skip_special_tokens=False)
-
-
-def stop_token_ids(template: ChatTemplate, tokenizer: Any) -> list[int]:
-    """The ids generation stops at: each stop string of the template (one token each) and EOS."""
-    ids = []
-    for text in template.stop_strings:
-        encoded = encode_text(tokenizer, text)
-        if len(encoded) != 1:
-            raise ValueError(f"stop string {text!r} is {len(encoded)} tokens; the loop needs single-token stops")
-        ids.append(encoded[0])
-    eos = getattr(tokenizer, "eos_id", getattr(tokenizer, "eos_token_id", None))
-    return sorted(set(ids) | ({eos} if eos is not None else set()))
-
-
-def turn_sampling(sampling: dict, template: ChatTemplate, tokenizer: Any) -> dict:
-    """`sampling` for one assistant turn per request: n=1, stopping at the template's end of turn and EOS."""
-    stops = set(sampling.get("stop_token_ids", ())) | set(stop_token_ids(template, tokenizer))
-    return {**sampling, "n": 1, "stop_token_ids": sorted(stops)}
-
-
-def _generate(engine: Any, prompts: list[list[int]], sampling: dict, policy_version: int) -> pa.RecordBatch:
-    """One batched call: a RolloutClient takes (prompts, sampling, version), a RolloutWorker also indices."""
-    from rollout.worker import RolloutWorker
-
-    if isinstance(engine, RolloutWorker):
-        return engine.generate(prompts, list(range(len(prompts))), sampling, policy_version)
-    return engine.generate(prompts, sampling, policy_version)
 
 
 # ---- one token stream --------------------------------------------------------------------------------
@@ -196,11 +153,6 @@ class Episode:
         return bool(self.finish_reason)
 
 
-def fits(length: int, max_tokens: int, max_total_tokens: int) -> bool:
-    """Whether a prompt of `length` tokens leaves room for a full turn within the budget."""
-    return length + max_tokens <= max_total_tokens
-
-
 def read_turn(episode: Episode, template: ChatTemplate, text: str, max_turns: int) -> None:
     """Parse a generated turn into the conversation; decide whether the episode ends or calls tools."""
     episode.turns += 1
@@ -278,103 +230,6 @@ def continue_episode(episode: Episode, results: list[Message], template: ChatTem
         restart_episode(episode, template, tokenizer, tools, max_tokens, max_total_tokens, strategy, summarize)
 
 
-def tool_results_summary(messages: list[Message], max_chars: int = 200) -> str:
-    """A model-free stand-in for a summary: the latest tool results, cut to `max_chars`."""
-    return " ".join(m.content for m in messages if m.role == "tool")[-max_chars:].strip()
-
-
-# ---- summaries written by the model ------------------------------------------------------------------
-
-# Short (a summary request must fit small budgets too) and in the compact alphabet without its delimiters,
-# so every template, and the tiny character model, can show it.
-SUMMARY_INSTRUCTION = "summarize what was tried and found so far."
-SUMMARY_MAX_CHARS = 1000
-SUMMARY_COUNTERS = ("requests", "calls", "prompt_tokens", "tokens", "trimmed")
-
-
-def read_summary(template: ChatTemplate, text: str, max_chars: int = SUMMARY_MAX_CHARS) -> str:
-    """The summary in a generated turn: its content (its reasoning when the content is empty), plain, on one
-    line, at most `max_chars`. Never raises: a malformed or cut-off turn gives what the template could read."""
-    parsed = template.parse(text)
-    summary = parsed.content.strip() or (parsed.reasoning or "").strip()
-    return " ".join(plain(summary).split())[:max_chars].strip()
-
-
-class ModelSummarizer:
-    """A `summarize` for the "summary" strategy whose summaries the model writes, with the episodes' engine.
-
-    The request is the part being dropped followed by a user message with `instruction`; the answer is
-    one assistant turn, read by `read_summary`. The template's context rule drops the reasoning of the
-    summarised turns (the instruction is a new user message), so the model summarises from its calls,
-    contents and tool results, as it would see them after any user message. A request always fits
-    `max_total_tokens` with a full turn (sampling["max_tokens"]): when the dropped part is too long, only
-    its most recent messages that fit are kept, and when not even the last one fits no request is made
-    and the summary is empty.
-    Call it on one conversation, or `summarize_many` to write several summaries in one generate call.
-    `counts` sums what it did (requests, generate calls, prompt and generated tokens, trimmed requests).
-    """
-
-    def __init__(self, engine: Any, template: ChatTemplate, tokenizer: Any, sampling: dict, max_total_tokens: int,
-                 policy_version: int = 0, instruction: str = SUMMARY_INSTRUCTION,
-                 max_chars: int = SUMMARY_MAX_CHARS):
-        self.engine, self.template, self.tokenizer = engine, template, tokenizer
-        self.sampling = turn_sampling(sampling, template, tokenizer)
-        self.max_tokens = self.sampling.get("max_tokens", 16)
-        self.max_total_tokens, self.policy_version = max_total_tokens, policy_version
-        self.instruction, self.max_chars = instruction, max_chars
-        template.render([Message("user", instruction)])  # a template that cannot show the instruction fails now
-        self.counts = dict.fromkeys(SUMMARY_COUNTERS, 0)
-
-    def request(self, dropped: list[Message]) -> list[int] | None:
-        """Prompt ids asking for a summary of the most recent messages of `dropped` that fit; None if none do."""
-        ask = Message("user", self.instruction)
-
-        def prompt(start: int) -> list[int]:
-            return self.template.encode([*dropped[start:], ask], self.tokenizer, add_generation_prompt=True)
-
-        # Binary search for the longest suffix that fits: dropping messages from the front only shortens it.
-        lo, hi = 0, len(dropped)  # the answer is in [lo, hi]; hi = len(dropped) means nothing fits
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if fits(len(prompt(mid)), self.max_tokens, self.max_total_tokens):
-                hi = mid
-            else:
-                lo = mid + 1
-        self.counts["trimmed"] += int(lo > 0)
-        return prompt(lo) if lo < len(dropped) else None
-
-    def summarize_many(self, conversations: list[list[Message]]) -> list[str]:
-        """One summary per conversation ("" for one with nothing that fits), from at most one generate call."""
-        prompts = [self.request(c) if c else None for c in conversations]
-        asked = [p for p in prompts if p is not None]
-        if not asked:
-            return ["" for _ in conversations]
-        batch = _generate(self.engine, asked, self.sampling, self.policy_version)
-        generated = batch.column("response_ids").to_pylist()
-        self.counts["requests"] += len(asked)
-        self.counts["calls"] += 1
-        self.counts["prompt_tokens"] += sum(map(len, asked))
-        self.counts["tokens"] += sum(map(len, generated))
-        texts = iter(read_summary(self.template, decode_ids(self.tokenizer, g), self.max_chars) for g in generated)
-        return [next(texts) if p is not None else "" for p in prompts]
-
-    def __call__(self, dropped: list[Message]) -> str:
-        return self.summarize_many([dropped])[0]
-
-
-def summarize_all(summarize: Callable[[list[Message]], str], conversations: list[list[Message]]) -> list[str]:
-    """Summaries of several conversations: one engine call for a ModelSummarizer, one call each otherwise."""
-    if isinstance(summarize, ModelSummarizer):
-        return summarize.summarize_many(conversations)
-    return [summarize(c) if c else "" for c in conversations]
-
-
-def summary_counts(summarize: Any) -> dict[str, int]:
-    """The counters of a ModelSummarizer, zeros for any other summarize (so metric keys are always there)."""
-    counts = summarize.counts if isinstance(summarize, ModelSummarizer) else {}
-    return {name: counts.get(name, 0) for name in SUMMARY_COUNTERS}
-
-
 # ---- the loop ----------------------------------------------------------------------------------------
 
 
@@ -394,7 +249,8 @@ def run_episodes(
 ) -> tuple[pa.RecordBatch, dict[str, float]]:
     """Play one episode per environment; one RolloutBatch row per episode, in `envs` order, and metrics.
 
-    engine: a `RolloutClient` or a `RolloutWorker`. sampling: as for `generate` (n is forced to 1, the
+    engine: anything with `generate(prompts, sampling, policy_version)` (a `RolloutClient` or a
+    `RolloutWorker`: one signature). sampling: as for `generate` (n is forced to 1, the
     template's stop tokens are added; "seed" is shifted each round so turns do not share draws).
     prompt_indices: the GRPO group of each episode (default: its position); sample_index counts within.
     summarize: writes the summary for the "summary" strategy; default: the model on `engine`
@@ -409,21 +265,14 @@ def run_episodes(
     prompt_indices = list(range(len(envs))) if prompt_indices is None else list(prompt_indices)
     if len(prompt_indices) != len(envs):
         raise ValueError(f"{len(envs)} environments but {len(prompt_indices)} prompt_indices")
-    max_tokens = sampling.get("max_tokens", 16)
     base = turn_sampling(sampling, template, tokenizer)
     if summarize is None and context_strategy == "summary":
         summarize = ModelSummarizer(engine, template, tokenizer, base, max_total_tokens, policy_version)
+    rules = Rules(template, tokenizer, max_turns, sampling.get("max_tokens", 16), max_total_tokens, context_strategy,
+                  summarize)
     summaries_before = summary_counts(summarize)
     calls_before = [(env.tool_calls, env.tool_errors) for env in envs]
-
-    episodes = []
-    for env in envs:
-        messages = ([Message("system", system_prompt)] if system_prompt else []) + [Message("user", env.task)]
-        prompt = template.encode(messages, tokenizer, add_generation_prompt=True, tools=env.tools)
-        if not fits(len(prompt), max_tokens, max_total_tokens):
-            raise ValueError(f"a task prompt of {len(prompt)} tokens + sampling.max_tokens={max_tokens} exceeds "
-                             f"max_total_tokens={max_total_tokens}")
-        episodes.append(Episode(env, messages, Segment(prompt)))
+    episodes = [start_episode(env, rules, system_prompt) for env in envs]
 
     schema = None
     with ThreadPoolExecutor(TOOL_THREADS) as pool:
@@ -434,43 +283,71 @@ def run_episodes(
             round_sampling = dict(base)
             if base.get("seed") is not None:
                 round_sampling["seed"] = base["seed"] + round_ * len(episodes)  # requests add their position
-            batch = _generate(engine, [e.segment.tokens for e in active], round_sampling, policy_version)
-            schema = batch.schema
-            columns = {name: batch.column(name).to_pylist()
-                       for name in ("prompt_ids", "response_ids", "rollout_logprobs", "sampling_mask")}
-            for i, episode in enumerate(active):
-                generated = columns["response_ids"][i]
-                episode.segment.add_turn(columns["prompt_ids"][i], generated, columns["rollout_logprobs"][i],
-                                         columns["sampling_mask"][i], routing_of(batch, i))
-                read_turn(episode, template, decode_ids(tokenizer, generated), max_turns)
-            calling = [e for e in active if e.pending]
-            overflowing = [e for e, results in zip(calling, pool.map(run_tools, calling), strict=True)
-                           if not append_results(e, results, template, tokenizer, e.env.tools, max_tokens,
-                                                 max_total_tokens)]
-            # The summaries of this round are written together (one generate call for the model's);
-            # make_room then takes each episode's own.
-            written = (summarize_all(summarize, [summary_input(e.messages) for e in overflowing])
-                       if context_strategy == "summary" else [""] * len(overflowing))
-            for episode, text in zip(overflowing, written, strict=True):
-                restart_episode(episode, template, tokenizer, episode.env.tools, max_tokens, max_total_tokens,
-                                context_strategy, lambda _dropped, text=text: text)
+            schema = play_round(engine, active, round_sampling, policy_version, rules, pool)
 
     rows, seen = [], {}
     for episode, group in zip(episodes, prompt_indices, strict=True):
         rows.append(episode_row(episode, group, seen.get(group, 0), policy_version))
         seen[group] = seen.get(group, 0) + 1
-    batch = make_rollout_batch(rows, schema)
     tool_calls = [env.tool_calls - c for env, (c, _) in zip(envs, calls_before, strict=True)]
     tool_errors = [env.tool_errors - e for env, (_, e) in zip(envs, calls_before, strict=True)]
-    for name, values, typ in (("turns", [e.turns for e in episodes], pa.int32()),
-                              ("tool_calls", tool_calls, pa.int32()),
-                              ("segments", [e.segments for e in episodes], pa.int32())):
-        batch = batch.append_column(pa.field(name, typ), pa.array(values, typ))
+    batch = append_columns(make_rollout_batch(rows, schema), turns=[e.turns for e in episodes],
+                           tool_calls=tool_calls, segments=[e.segments for e in episodes])
     metrics = episode_metrics(episodes, rows, tool_calls, tool_errors)
     summaries_after = summary_counts(summarize)
     metrics.update({f"context/summary_{name}": float(summaries_after[name] - summaries_before[name])
                     for name in SUMMARY_COUNTERS})
     return batch, metrics
+
+
+@dataclass
+class Rules:
+    """What every episode of one `run_episodes` call plays by."""
+
+    template: ChatTemplate
+    tokenizer: Any
+    max_turns: int
+    max_tokens: int  # of one turn
+    max_total_tokens: int  # of a whole stream
+    strategy: ContextStrategy
+    summarize: Callable[[list[Message]], str] | None
+
+
+def start_episode(env: Environment, rules: Rules, system_prompt: str | None) -> Episode:
+    """An episode at its first generation prompt: the system prompt (if any) and the environment's task."""
+    messages = ([Message("system", system_prompt)] if system_prompt else []) + [Message("user", env.task)]
+    prompt = rules.template.encode(messages, rules.tokenizer, add_generation_prompt=True, tools=env.tools)
+    if not fits(len(prompt), rules.max_tokens, rules.max_total_tokens):
+        raise ValueError(f"a task prompt of {len(prompt)} tokens + sampling.max_tokens={rules.max_tokens} exceeds "
+                         f"max_total_tokens={rules.max_total_tokens}")
+    return Episode(env, messages, Segment(prompt))
+
+
+def play_round(engine: Any, active: list[Episode], sampling: dict, policy_version: int, rules: Rules,
+               pool: ThreadPoolExecutor) -> pa.Schema:
+    """One round: the next turn of every active episode in one generate call, then their tool calls (side by
+    side in `pool`), their results appended, and room made where the context overflows. Returns the batch schema
+    of the engine's answer (the rows' schema)."""
+    t, tok = rules.template, rules.tokenizer
+    batch = engine.generate([e.segment.tokens for e in active], sampling, policy_version)
+    columns = {name: batch.column(name).to_pylist()
+               for name in ("prompt_ids", "response_ids", "rollout_logprobs", "sampling_mask")}
+    for i, episode in enumerate(active):
+        generated = columns["response_ids"][i]
+        episode.segment.add_turn(columns["prompt_ids"][i], generated, columns["rollout_logprobs"][i],
+                                 columns["sampling_mask"][i], routing_of(batch, i))
+        read_turn(episode, t, decode_ids(tok, generated), rules.max_turns)
+    calling = [e for e in active if e.pending]
+    overflowing = [e for e, results in zip(calling, pool.map(run_tools, calling), strict=True)
+                   if not append_results(e, results, t, tok, e.env.tools, rules.max_tokens, rules.max_total_tokens)]
+    # The summaries of this round are written together (one generate call for the model's); make_room then
+    # takes each episode's own.
+    written = (summarize_all(rules.summarize, [summary_input(e.messages) for e in overflowing])
+               if rules.strategy == "summary" else [""] * len(overflowing))
+    for episode, text in zip(overflowing, written, strict=True):
+        restart_episode(episode, t, tok, episode.env.tools, rules.max_tokens, rules.max_total_tokens, rules.strategy,
+                        lambda _dropped, text=text: text)
+    return batch.schema
 
 
 def episode_row(episode: Episode, prompt_index: int, sample_index: int, policy_version: int) -> dict:
