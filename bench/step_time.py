@@ -3,6 +3,7 @@
     python bench/step_time.py                                  # the quickstart setting, 10 steps
     python bench/step_time.py configs/quickstart.yaml --steps 20 --json step_time.json
     python bench/step_time.py configs/quickstart.yaml rollout.prompts_per_step=64
+    python bench/step_time.py --baseline                       # as before 2026-11-30 (see below)
 
 Runs a real `keel train` (SFT skipped: the timings do not depend on what the model knows; rollouts are dumped
 as the config says, the quickstart does), then prints the mean seconds of each phase over the steps after the
@@ -11,6 +12,9 @@ batch), reward (scoring), ref and update (inside the trainer ranks: reference/fi
 optimiser steps), train call (the rest of the trainer call: moving the batch to the ranks and back), sync (publish
 and load the new weights), dump (the step's rollouts to parquet), other (the driver's own work between phases);
 step is the wall time of the whole step.
+
+--baseline measures the step as it was before 2026-11-30: every reward scored in Ray tasks (one per sample, as
+if none were marked pure) and vLLM's engine core in its own process (VLLM_ENABLE_V1_MULTIPROCESSING=1).
 """
 
 from __future__ import annotations
@@ -43,7 +47,16 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--baseline", action="store_true",
+                    help="rewards in Ray tasks and the engine core in its own process, as before 2026-11-30")
     args = ap.parse_args()
+    if args.baseline:
+        import os
+
+        import rewards.scoring
+
+        rewards.scoring.is_pure_reward = lambda fn: False
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # inherited by the rollout worker (Ray starts it here)
 
     with tempfile.TemporaryDirectory() as out:
         overrides = [
@@ -58,7 +71,8 @@ def main() -> None:
     figures["tokens_per_s_rollout"] = sum(m["tokens_per_s"] for m in steps) / len(steps)
     figures["time/step_median"] = sorted(m["time/step"] for m in steps)[len(steps) // 2]
     slowest = max(PHASES[:-1], key=figures.get)
-    print(f"mean over {len(steps)} steps ({args.config} {' '.join(args.overrides)})")
+    print(f"mean over {len(steps)} steps ({args.config} {' '.join(args.overrides)}"
+          f"{', baseline' if args.baseline else ''})")
     for p in PHASES:
         share = 100 * figures[p] / figures["time/step"]
         print(f"  {p:<14} {figures[p]:8.3f} s  {share:5.1f}%{'   <- slowest' if p == slowest else ''}")

@@ -14,6 +14,11 @@ the default), the file only ("shm") or the object store only ("object_store"). W
 once at start-up and again when a worker restarts (it may come back on another node, and then gets the
 latest handle with a blob added). `update_weights(tensors, version)` publishes from this process instead
 (tests and benchmarks); `load_checkpoint` points the workers at a keel checkpoint's own file (recipes).
+
+Weights (CUDA; written against vLLM 0.32, not yet run on a GPU): trainer rank 0 broadcasts over NCCL through
+vLLM's weight-transfer engine (`weight_sync.NcclWeightSender`) and drives the workers' side through
+`weight_sync_client()`; `weight_sync_world_size()` is the NCCL group's size. With `sleep_while_training` the
+driver puts the engines to sleep around the trainer's step (`sleep`, `wake_up`).
 """
 
 from __future__ import annotations
@@ -125,8 +130,8 @@ class RolloutClient:
     def _check_cpu(self) -> None:
         if self.cuda:
             raise NotImplementedError(
-                "on CUDA, drive weight_sync_client() with vLLM's NCCLTrainerWeightTransferEngine from "
-                "trainer rank 0 (untested in keel)"
+                "on CUDA the weights travel over NCCL from trainer rank 0 (weight_sync.NcclWeightSender driving "
+                "weight_sync_client(); rl.loop.driver.sync_weights), not as a published file"
             )
 
     def _reachable(self, handle: weight_sync.WeightHandle) -> weight_sync.WeightHandle:
@@ -135,8 +140,32 @@ class RolloutClient:
         return weight_sync.attach_blob(handle) if blob and handle.blob is None else handle
 
     def weight_sync_client(self) -> WorkerWeightSyncClient:
-        """CUDA: the `VLLMWeightSyncClient` that vLLM's trainer-side NCCL engine drives."""
-        return WorkerWeightSyncClient(self.workers)
+        """CUDA: the `VLLMWeightSyncClient` that vLLM's trainer-side NCCL engine drives (it crosses Ray to
+        trainer rank 0: it holds only the workers' actor handles)."""
+        if not self.cuda:
+            raise NotImplementedError("the NCCL weight-transfer path needs CUDA; on CPU use load_weights")
+        return WorkerWeightSyncClient(self.workers, self.engine.tensor_parallel_size)
+
+    def weight_sync_world_size(self) -> int:
+        """Size of the NCCL weight-sync group: trainer rank 0 and every worker's engine ranks."""
+        return 1 + len(self.workers) * self.engine.tensor_parallel_size
+
+    def weights_synced(self, version: int) -> None:
+        """Record that every worker now serves `version` (CUDA: after trainer rank 0's NCCL update)."""
+        self.version = version
+
+    @property
+    def sleeps(self) -> bool:
+        """Whether the driver puts the engines to sleep while the trainer steps (`sleep_while_training`)."""
+        return self.cuda and self.engine.sleep_while_training
+
+    def sleep(self) -> None:
+        """CUDA: every engine frees its GPU memory (weights to CPU, KV cache dropped); untested on GPU."""
+        ray.get([w.sleep.remote() for w in self.workers])
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """CUDA: every engine reallocates `tags` ("weights", "kv_cache"; all when None)."""
+        ray.get([w.wake_up.remote(tags) for w in self.workers])
 
     def shutdown(self, timeout_s: float = 60.0) -> None:
         """Stop every worker. Each first shuts down its engine and removes its serving view (a killed
@@ -193,6 +222,12 @@ class RolloutClient:
                     raise
                 time.sleep(1.0)
         self.worker_nodes[worker] = state["node_id"]
+        if self.cuda and state["version"] != self.version:
+            raise RuntimeError(
+                f"rollout worker {worker} was restarted with the checkpoint's weights (version {state['version']}, "
+                f"the others serve {self.version}); on CUDA a restarted worker cannot rejoin the NCCL weight-sync "
+                "group yet, so it would sample from stale weights"
+            )
         if self.handle is None or state["version"] == self.version:
             return None
         # Restarted on another node than the publisher's: the /dev/shm file is out of its reach.
@@ -204,16 +239,35 @@ class RolloutClient:
 
 
 class WorkerWeightSyncClient:
-    """vLLM's four-method weight-sync protocol, fanned out to every rollout worker (CUDA, untested)."""
+    """vLLM's four-method weight-sync protocol (`VLLMWeightSyncClient`), fanned out to every rollout worker.
 
-    def __init__(self, workers: list) -> None:
+    Held by trainer rank 0's `weight_sync.NcclWeightSender`. vLLM's trainer engine sends every worker the same
+    init info (rank_offset 1); each separate engine numbers its ranks from 0, so worker i is given its own offset
+    (`weight_sync.worker_rank_offsets`). `version`: set by the sender before an update; the workers take it as
+    their weights' version at `finish_weight_update`. CUDA only; not yet run on a GPU.
+    """
+
+    def __init__(self, workers: list, ranks_per_worker: int = 1) -> None:
         self.workers = workers
+        self.offsets = weight_sync.worker_rank_offsets(len(workers), ranks_per_worker)
+        self.version: int | None = None
 
     def _all(self, method: str, payload: dict | None = None) -> None:
         ray.get([w.weight_sync_call.remote(method, payload) for w in self.workers])
 
+    def init_payloads(self, init_info: dict) -> list[dict]:
+        """Each worker's init info: vLLM's, with the worker's own rank offset."""
+        if init_info.get("rank_offset") != 1:
+            raise ValueError(f"expected vLLM's single-sender init info (rank_offset 1), got {init_info}")
+        return [{**init_info, "rank_offset": offset} for offset in self.offsets]
+
     def init_weight_transfer_engine(self, init_info: dict) -> None:
-        self._all("init_weight_transfer_engine", init_info)
+        payloads = self.init_payloads(init_info)
+        ray.get([w.weight_sync_call.remote("init_weight_transfer_engine", p)
+                 for w, p in zip(self.workers, payloads, strict=True)])
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self._all("shutdown_weight_transfer_engine")
 
     def start_weight_update(self) -> None:
         self._all("start_weight_update")
@@ -222,4 +276,5 @@ class WorkerWeightSyncClient:
         self._all("update_weights", update_info)
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self._all("finish_weight_update")
+        version = self.version if weight_version is None else int(weight_version)
+        ray.get([w.weight_sync_call.remote("finish_weight_update", None, version) for w in self.workers])

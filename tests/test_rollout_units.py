@@ -81,10 +81,13 @@ def test_model_facts(checkpoint):
 
 
 def test_cpu_serving_view_is_dense_deepseek_v3_over_the_same_files(checkpoint, tmp_path):
-    cuda_view = serving.ServingView(checkpoint, cuda=True)
-    assert cuda_view.path == checkpoint
+    cuda_view = serving.ServingView(checkpoint, cuda=True, root=str(tmp_path))
+    cfg = json.loads((Path(cuda_view.path) / "config.json").read_text())
+    # CUDA: still DeepSeek-V3.2 with its DSA fields, plus the gate settings vLLM reads.
+    assert cfg["model_type"] == "deepseek_v32" and cfg["index_topk"] == 64
+    assert (cfg["topk_method"], cfg["scoring_func"]) == ("noaux_tc", "sigmoid")
     cuda_view.cleanup()  # never removes the checkpoint itself
-    assert (Path(checkpoint) / "config.json").is_file()
+    assert not Path(cuda_view.path).exists() and (Path(checkpoint) / "config.json").is_file()
     view = serving.ServingView(checkpoint, cuda=False, root=str(tmp_path))
     path = Path(view.path)
     cfg = json.loads((path / "config.json").read_text())
@@ -133,6 +136,54 @@ def test_requests_past_index_topk_are_served_up_to_max_model_len(checkpoint):
     assert serving.serves_sparse(facts, 512, cuda=False)
     assert not serving.serves_sparse(facts, 64, cuda=False)  # index_topk >= max_model_len: dense MLA is exact
     assert not serving.serves_sparse(facts, 512, cuda=True)  # vLLM's native DSA
+
+
+def test_buckets_are_bounded_ordered_and_complete():
+    f32, bf16 = torch.float32, torch.bfloat16
+    named = [("a", (4, 4), f32), ("b", (8,), f32), ("c", (2, 2), f32), ("d", (100,), f32), ("e", (3,), bf16)]
+    # 64 + 32 bytes fit 100; c (16) would not; d (400) is over the bound and goes alone; e (6) after it.
+    assert weight_sync.plan_buckets(named, 100) == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert weight_sync.plan_buckets(named, 1 << 20) == [["a", "b", "c", "d", "e"]]
+    assert weight_sync.plan_buckets(named, 1) == [[n] for n, _, _ in named]
+    assert weight_sync.plan_buckets([], 100) == []
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        weight_sync.plan_buckets(named, 0)
+    # In bf16 the same shapes take half the bytes: the wire dtype decides.
+    assert weight_sync.plan_buckets([(n, s, bf16) for n, s, _ in named[:3]], 48) == [["a", "b"], ["c"]]
+
+
+def test_bucket_stream_casts_one_bucket_at_a_time_in_metadata_order():
+    tensors = {"x": torch.ones(4, 4), "y": torch.arange(8.0), "z": torch.ones(2, 2, dtype=torch.float64).t()}
+    stream = weight_sync.BucketStream(lambda: tensors, torch.bfloat16, 40)
+    assert stream.plan(tensors) == [["x"], ["y", "z"]]
+    sent = list(stream)
+    assert [n for n, _ in sent] == ["x", "y", "z"]
+    assert all(t.dtype == torch.bfloat16 and t.is_contiguous() for _, t in sent)
+    assert torch.equal(sent[1][1].float(), tensors["y"]) and sent[2][1].shape == (2, 2)
+    assert [n for n, _ in stream] == ["x", "y", "z"]  # a fresh pass each time
+    assert weight_sync.wire_dtype("bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="engine dtype"):
+        weight_sync.wire_dtype("auto")
+
+
+def test_each_rollout_worker_gets_its_own_nccl_ranks():
+    from rollout.client import WorkerWeightSyncClient
+
+    assert weight_sync.worker_rank_offsets(3, 2) == [1, 3, 5]  # trainer rank 0, then 2 TP ranks per worker
+    client = WorkerWeightSyncClient(["w0", "w1", "w2"], ranks_per_worker=2)
+    info = {"master_address": "10.0.0.1", "master_port": 1234, "rank_offset": 1, "world_size": 7, "packed": True}
+    payloads = client.init_payloads(info)
+    assert [p["rank_offset"] for p in payloads] == [1, 3, 5]
+    assert all({k: v for k, v in p.items() if k != "rank_offset"} == {k: v for k, v in info.items()
+                                                                      if k != "rank_offset"} for p in payloads)
+    with pytest.raises(ValueError, match="rank_offset"):
+        client.init_payloads({**info, "rank_offset": 2})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_nccl_weight_sender_needs_cuda():
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        weight_sync.NcclWeightSender(None, dict, "bfloat16", 1 << 20, 2, "127.0.0.1", 1)
 
 
 def test_published_weights_round_trip_and_are_checked(checkpoint, tmp_path):

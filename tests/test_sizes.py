@@ -21,7 +21,6 @@ PENDING = {
     "rl/model/transformer.py": "the model; Keep Indexer Selection is being added",
     "rl/algo/grpo.py::grpo_loss": "mask_kl / old_logprobs are being added",
     "rollout/worker.py::generate": "indexer_topk capture is being added",
-    "rl/loop/data.py": "grew past 400 in concurrent work (tokenizers); to split",
     "rl/model/checkpoint.py": "grew past 400 in concurrent work (checkpoint file checks); to split",
     "rewards/jail.py": "the sandbox's isolation is being reworked",
     "rewards/sandbox.py": "the sandbox's isolation is being reworked",

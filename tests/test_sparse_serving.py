@@ -166,7 +166,8 @@ def test_checkpoint_without_indexer_is_refused(tmp_path):
         tensors = {n: t for n, t in load_file(str(f)).items() if ".indexer." not in n}
         save_file(tensors, str(f), metadata={"format": "pt"})
     facts = serving.model_facts(str(path))
-    with pytest.raises(ValueError, match=r"indexer tensors are missing, e\.g\. \['model\.layers\.0\.self_attn\.indexer"):
+    missing = r"indexer tensors are missing, e\.g\. \['model\.layers\.0\.self_attn\.indexer"
+    with pytest.raises(ValueError, match=missing):
         serving.check_indexer_weights(str(path), facts)
     assert serving.serves_sparse(facts, 80, cuda=False)
     assert not serving.serves_sparse(facts, TOPK, cuda=False)  # index_topk >= max_model_len: dense by construction

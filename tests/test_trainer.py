@@ -106,6 +106,18 @@ def test_rank0_publishes_its_weights_and_releases_the_previous_version(worker):
     w.published = None
 
 
+def test_nccl_weight_sync_is_refused_without_cuda(worker):
+    """On CUDA rank 0 broadcasts over NCCL (`open_weight_sync`, `send_weights`); on CPU both refuse clearly."""
+    w, _ = worker
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU refusal")
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        w.open_weight_sync(None, 2, "bfloat16", 1)
+    assert w.sender is None
+    with pytest.raises(RuntimeError, match="before open_weight_sync"):
+        w.send_weights(1)
+
+
 def test_nan_loss_skips_the_step(worker):
     w, model = worker
     batch = sampled_batch(model, 8, [float("nan")] * 4 + [1.0, -1.0, 1.0, -1.0])

@@ -2,7 +2,8 @@
 
 The driver calls the group; the group splits each batch into one contiguous shard per rank and averages the
 ranks' metrics. Weights leave the group only through rank 0's `publish_weights` (a handle for the rollout
-client) and checkpoints (`save`, `export`); no call returns the weights themselves to the driver.
+client; CPU), its NCCL broadcast to the engines (`open_weight_sync`, `send_weights`; CUDA) and checkpoints
+(`save`, `export`); no call returns the weights themselves to the driver.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class TrainerGroup:
         ]
         ray.get([w.ping.remote() for w in self.workers])
         self.publisher_node: str | None = ray.get(self.workers[0].node_id.remote())  # rank 0's Ray node
+        self.weight_sync_open = False  # CUDA: whether rank 0 has joined the NCCL weight-sync group
 
     def _shards(self, n_rows: int) -> list[slice]:
         per = n_rows // len(self.workers)
@@ -110,6 +112,15 @@ class TrainerGroup:
     def publish_weights(self, version: int, file: bool = True, blob: bool = False) -> WeightHandle:
         """Rank 0 publishes the current weights (see TrainerWorker.publish_weights); only the handle comes back."""
         return ray.get(self.workers[0].publish_weights.remote(version, file, blob))
+
+    def open_weight_sync(self, client, world_size: int, engine_dtype: str, bucket_mb: int) -> None:
+        """CUDA: rank 0 joins the NCCL weight-sync group with the rollout workers (TrainerWorker.open_weight_sync)."""
+        ray.get(self.workers[0].open_weight_sync.remote(client, world_size, engine_dtype, bucket_mb))
+        self.weight_sync_open = True
+
+    def send_weights(self, version: int) -> None:
+        """CUDA: rank 0 broadcasts the current weights to the rollout engines over NCCL."""
+        ray.get(self.workers[0].send_weights.remote(version))
 
     def save(self, directory: str, tokenizer_dir: str | None = None) -> None:
         ray.get([w.save.remote(directory, tokenizer_dir) for w in self.workers])

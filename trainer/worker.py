@@ -6,12 +6,15 @@ DeepSpeed averages the gradients. On CPU: gloo and fp32. On GPU: NCCL and bf16.
 Steps: `grpo_step` (a RolloutBatch), `train_step` with a loss kind (`LOSSES`: supervised next-token loss,
 the indexer's dense warm-up, the sparse stage) and `sft_step` (the first kind). After an update, rank 0
 publishes the weights for the rollout engines itself (`publish_weights`): the bytes go from this process to
-/dev/shm and/or Ray's object store, and only a small handle goes back to the driver.
+/dev/shm and/or Ray's object store, and only a small handle goes back to the driver. On CUDA rank 0 instead
+broadcasts them over NCCL through vLLM's weight-transfer engine (`open_weight_sync`, `send_weights`; untested on
+a GPU yet).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -114,6 +117,7 @@ class TrainerWorker:
         self.base_lrs = [group["lr"] for group in self.param_groups()]
         self.steps_done = 0
         self.published: weight_sync.WeightHandle | None = None  # rank 0: the latest version it published
+        self.sender: weight_sync.NcclWeightSender | None = None  # rank 0, CUDA: the NCCL weight-sync endpoint
 
     def ping(self) -> int:
         return self.rank
@@ -306,6 +310,29 @@ class TrainerWorker:
             weight_sync.release_weights(previous)
         return handle
 
+    def open_weight_sync(self, client, world_size: int, engine_dtype: str, bucket_mb: int) -> None:
+        """Rank 0, CUDA: join the NCCL weight-sync group with the rollout workers (`client`: their
+        `WorkerWeightSyncClient`; `world_size`: 1 + their engine ranks). Weights then go out with `send_weights`,
+        streamed in buckets of at most `bucket_mb` MB cast to `engine_dtype`. Not yet run on a GPU."""
+        if self.rank != 0:
+            raise RuntimeError("only trainer rank 0 sends weights")
+        if self.sender is not None:
+            raise RuntimeError("the NCCL weight-sync group is open already")
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        self.sender = weight_sync.NcclWeightSender(
+            client, lambda: self.model.state_dict(), engine_dtype, bucket_mb << 20, world_size,
+            ray.util.get_node_ip_address(), port)
+
+    def send_weights(self, version: int) -> None:
+        """Rank 0, CUDA: broadcast the current weights to every rollout engine over NCCL (`open_weight_sync`)."""
+        if self.sender is None:
+            raise RuntimeError("send_weights before open_weight_sync")
+        self.sender.send(version)
+
     def export(self, directory: str, tokenizer_dir: str | None = None) -> None:
         """Rank 0: the weights as an HF checkpoint in `directory` (with the tokenizer of `tokenizer_dir`)."""
         if self.rank != 0:
@@ -345,6 +372,9 @@ class TrainerWorker:
             self.indexer_optim.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
 
     def shutdown(self) -> None:
+        if self.sender is not None:
+            self.sender.shutdown()
+            self.sender = None
         if self.published is not None:
             weight_sync.release_weights(self.published)
             self.published = None

@@ -218,14 +218,15 @@ def train(cfg: DictConfig, resume: str | None = None) -> Path:
         # on a local Ray; ray_session passes it on to a joined cluster).
         os.environ[ALLOW_WEAK_ENV] = "1"
     cpus = int(cfg.trainer.num_ranks * cfg.trainer.cpus_per_rank + cfg.rollout.num_workers + 2)
+    run = Run(cfg, run_dir)  # the tokenizer, the data and the prompt format are checked before Ray starts
     with ray_session(cfg.run.ray_address, cpus):
-        return _train(cfg, run_dir)
+        return _train(cfg, run_dir, run)
 
 
-def _train(cfg: DictConfig, run_dir: Path) -> Path:
+def _train(cfg: DictConfig, run_dir: Path, run: Run | None = None) -> Path:
     from rollout.client import RolloutClient
 
-    run = Run(cfg, run_dir)
+    run = run or Run(cfg, run_dir)
     print(f"keel: run directory {run_dir}")
     if hasattr(run.task, "check_held_out"):
         run.task.check_held_out()  # an evaluation prompt in the training set stops the run before it starts
@@ -297,11 +298,17 @@ def rl_step(run: Run, trainer, client, step: int) -> dict[str, float]:
     batch = with_columns(batch, advantage=advantages.tolist())
 
     t = time.perf_counter()
+    if client.sleeps:  # CUDA, engines colocated with the trainer: free their GPU memory while it steps
+        client.sleep()
     metrics = trainer.grpo_step(batch)
     times["time/train"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    if client.sleeps:
+        client.wake_up(["weights"])  # the KV cache comes back after the sync, so it is not held during it
     sync_weights(trainer, client, version=step + 1)
+    if client.sleeps:
+        client.wake_up(["kv_cache"])
     times["time/sync"] = time.perf_counter() - t
 
     if cfg.run.dump_rollouts:
@@ -333,8 +340,20 @@ def rl_step(run: Run, trainer, client, step: int) -> dict[str, float]:
 
 
 def sync_weights(trainer, client, version: int) -> None:
-    """Trainer rank 0 publishes its weights the way the client's workers can reach them from rank 0's node;
-    the workers load them. Only the handle (a path, shapes, an object-store ref) passes through here."""
+    """The rollout workers get the trainer's current weights as `version`; only rank 0 moves them.
+
+    CPU: rank 0 publishes them the way the client's workers can reach them from rank 0's node, and the workers
+    load them; only the handle (a path, shapes, an object-store ref) passes through here. CUDA: rank 0 broadcasts
+    them over NCCL through vLLM's weight-transfer engine (joining the group with the workers on the first sync);
+    nothing but the call passes through here (written against vLLM 0.32; not yet run on a GPU)."""
+    if client.cuda:
+        if not trainer.weight_sync_open:
+            engine = client.engine
+            trainer.open_weight_sync(client.weight_sync_client(), client.weight_sync_world_size(), engine.dtype,
+                                     engine.weight_bucket_mb)
+        trainer.send_weights(version)
+        client.weights_synced(version)
+        return
     file, blob = client.transport_plan(trainer.publisher_node)
     client.load_weights(trainer.publish_weights(version, file=file, blob=blob))
 

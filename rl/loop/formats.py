@@ -124,9 +124,12 @@ def deepseek_v32_problem(tokenizer: Tokenizer) -> str | None:
     """Why the DeepSeek-V3.2 encoding cannot be used with this tokenizer (None: it can): its begin- and
     end-of-sentence strings must be single tokens, the latter a stop token."""
     for text, role in ((DSV32_BOS, "begin"), (DSV32_EOS, "end")):
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        try:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        except ValueError:  # characters the tokenizer cannot encode at all (the character tokenizer)
+            ids = []
         if len(ids) != 1 or (role == "end" and ids[0] not in tokenizer.stop_ids):
-            what = (f"is {len(ids)} tokens" if len(ids) != 1
+            what = (f"is {len(ids) or 'no'} tokens" if len(ids) != 1
                     else f"is token {ids[0]}, not a stop token {tokenizer.stop_ids}")
             return (f"the tokenizer has no chat template, and the DeepSeek-V3.2 encoding keel uses instead needs "
                     f"{text!r} as one token{' and as EOS' if role == 'end' else ''} (it {what}); give the tokenizer "

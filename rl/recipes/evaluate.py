@@ -104,7 +104,7 @@ def evaluate_checkpoints(cfg: DictConfig, checkpoints: list[str], samples: int =
     with ray_session(cfg.run.ray_address, cfg.rollout.num_workers + 2):
         client = RolloutClient(str(dirs[0][0]), cfg.rollout.num_workers, probe.engine_config())
         try:
-            for version, (label, (directory, _)) in enumerate(zip(checkpoints, dirs, strict=True)):
+            for version, (label, (directory, _)) in enumerate(zip(short_labels(checkpoints), dirs, strict=True)):
                 if version:
                     client = _serve(client, directory, version, cfg, probe)
                 batch = client.generate(prompts, sampling, policy_version=version)
@@ -133,6 +133,16 @@ def evaluate_checkpoints(cfg: DictConfig, checkpoints: list[str], samples: int =
                "dataset": cfg.data.eval_task or cfg.data.task, "table": table}
     (out_dir / "eval.json").write_text(json.dumps(summary, indent=1))
     return table, out_dir
+
+
+def short_labels(checkpoints: list[str]) -> list[str]:
+    """The checkpoints' shortest distinct path tails, at least two parts ("init/model", "step_40/model")."""
+    parts = [Path(c).parts for c in checkpoints]
+    for k in range(2, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-k:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return list(checkpoints)
 
 
 def _rows(label: str, samples: list[dict], n: int) -> list[dict]:
@@ -171,7 +181,9 @@ def print_table(table: list[dict], title: str) -> None:
     for row in table:
         out.add_row(row["checkpoint"], row["source"], f"{row['prompts']:.0f}", f"{row['reward']:.3f}",
                     *[f"{row[k]:.3f}" for k in ks], f"{row['response_tokens']:.1f}", f"{row['truncated']:.3f}")
-    Console().print(out)
+    import shutil
+
+    Console(width=max(shutil.get_terminal_size().columns, 120)).print(out)  # a pipe gets the whole table too
 
 
 def generate(cfg: DictConfig, checkpoint: str, prompts: list[str], fmt: str = "auto", system: str = "",
