@@ -36,3 +36,4 @@ def test_rl_beats_sft_on_held_out_prompts(tmp_path):
     steps = [m for m in read_metrics(run_dir) if "loss" in m]
     assert len(steps) == STEPS
     assert all(m["routing_agreement"] == 1.0 for m in steps)
+

@@ -114,3 +114,21 @@ def test_missing_record_names_the_switch():
     batch = _batch([(3, 3)], 2, 3, [None])
     with pytest.raises(ValueError, match="capture_indexer"):
         index_selection(batch, lengths=[5], width=5)
+
+
+def test_agent_stream_keeps_selections_across_turns():
+    """A multi-turn stream keeps each fed position's selections from the call that first computed them, like
+    routing: the second call's prefill recomputes positions the first one already recorded."""
+    from rollout.agent.loop import Segment
+
+    k, width = 2, 4
+    seg = Segment([1, 2, 3])
+    first = np.arange(3 * width).reshape(3, width)  # fed positions 2..4 (3 prompt + 3 generated - 1 = 5 fed)
+    seg.add_turn([1, 2, 3], [4, 5, 6], [-1.0] * 3, None, None, (first, k))
+    seg.add_context([7])
+    second = 100 + np.arange(7 * width).reshape(7, width)  # fed positions 2..8 of the longer call
+    seg.add_turn([1, 2, 3, 4, 5, 6, 7], [8, 9, 10], [-1.0] * 3, None, None, (second, k))
+    rows = seg.row()["indexer_topk"]
+    assert rows.shape == (len(seg) - 1 - k, width)
+    np.testing.assert_array_equal(rows[:3], first)  # positions 2..4: the first call's
+    np.testing.assert_array_equal(rows[3:], second[3:])  # positions 5..8: the second call's

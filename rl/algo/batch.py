@@ -166,6 +166,19 @@ def routing_of(batch: pa.RecordBatch | pa.Table, row: int) -> np.ndarray | None:
     return flat.reshape(-1, moe_layers, top_k)
 
 
+def stored_selections(batch: pa.RecordBatch | pa.Table, row: int) -> tuple[np.ndarray, int] | None:
+    """One row's indexer_topk as stored ([positions >= index_topk, dsa_layers * index_topk], the batch's dtype
+    and sentinel) with index_topk, for copying into another batch; None if absent."""
+    meta = batch.schema.metadata or {}
+    if "indexer_topk" not in batch.schema.names or not int(meta.get(b"dsa_layers", 0)):
+        return None
+    cell = batch.column("indexer_topk")[row]
+    if not cell.is_valid:
+        return None
+    width = batch.schema.field("indexer_topk").type.value_type.list_size
+    return cell.values.flatten().to_numpy(zero_copy_only=False).reshape(-1, width), int(meta[b"index_topk"])
+
+
 def indexer_topk_of(batch: pa.RecordBatch | pa.Table, row: int) -> np.ndarray | None:
     """The recorded indexer selections of one row, [tokens at positions >= index_topk, dsa_layers, index_topk]
     int64 with -1 in unused slots (None if absent)."""

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from rl.algo.batch import append_columns, make_rollout_batch, routing_of
+from rl.algo.batch import append_columns, make_rollout_batch, routing_of, stored_selections
 from rollout.agent.context import ContextStrategy, context_metrics, make_room, summary_input
 from rollout.agent.environments.base import Environment
 from rollout.agent.messages import Message
@@ -76,6 +76,10 @@ class Segment:
         self.routing: list[np.ndarray] = []  # chunks covering fed positions [0, routed)
         self.routed = 0
         self.routing_mismatch = 0  # earlier positions whose routing a later prefill recomputed differently
+        # Indexer selections as stored in the batch ([positions, dsa_layers * index_topk]) for fed positions from
+        # index_topk up to `indexed`; like routing, a later prefill's recomputation of earlier positions is not used.
+        self.selections: list[np.ndarray] = []
+        self.indexed = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -85,8 +89,10 @@ class Segment:
         return len(self.prompt_ids) + len(self.response_ids)
 
     def add_turn(self, prompt: list[int], generated: list[int], logprobs: list[float],
-                 kept: list[list[int]] | None, routing: np.ndarray | None) -> None:
-        """Append a generated turn; `routing` covers the call's fed tokens, prompt + generated - 1."""
+                 kept: list[list[int]] | None, routing: np.ndarray | None,
+                 selections: tuple[np.ndarray, int] | None = None) -> None:
+        """Append a generated turn; `routing` covers the call's fed tokens, prompt + generated - 1, and
+        `selections` (stored rows, index_topk) the call's fed positions from index_topk on."""
         if prompt != self.tokens:
             raise RuntimeError("the engine answered a different prompt than this stream's tokens")
         if len(logprobs) != len(generated) or (kept is not None and len(kept) != len(generated)):
@@ -101,6 +107,12 @@ class Segment:
                 self.routing_mismatch += int((before != routing[: self.routed]).any(axis=(1, 2)).sum())
             self.routing.append(routing[self.routed:])
             self.routed = fed
+        if selections is not None:
+            rows, k = selections
+            fed = len(prompt) + len(generated) - 1
+            start = max(self.indexed, k)
+            self.selections.append(rows[start - k :] if fed > start else rows[:0])
+            self.indexed = max(fed, self.indexed)
         self.response_ids += generated
         self.loss_mask += [1] * len(generated)
         self.logprobs += list(logprobs)
@@ -126,6 +138,7 @@ class Segment:
             # An empty kept set reads as "not truncated" in the trainer; those positions are masked anyway.
             sampling_mask=[k or [] for k in self.kept] if truncated else None,
             routed_experts=np.concatenate(self.routing) if self.routing else None,
+            indexer_topk=np.concatenate(self.selections) if self.selections else None,
         )
 
 
@@ -335,7 +348,7 @@ def play_round(engine: Any, active: list[Episode], sampling: dict, policy_versio
     for i, episode in enumerate(active):
         generated = columns["response_ids"][i]
         episode.segment.add_turn(columns["prompt_ids"][i], generated, columns["rollout_logprobs"][i],
-                                 columns["sampling_mask"][i], routing_of(batch, i))
+                                 columns["sampling_mask"][i], routing_of(batch, i), stored_selections(batch, i))
         read_turn(episode, t, decode_ids(tok, generated), rules.max_turns)
     calling = [e for e in active if e.pending]
     overflowing = [e for e, results in zip(calling, pool.map(run_tools, calling), strict=True)
