@@ -17,6 +17,7 @@ from rl.algo.logprobs import token_logprobs
 from rl.model.checkpoint import build_model, load_model, save_checkpoint
 from rl.model.presets import preset
 from rl.model.tokenizer import CharTokenizer
+from trainer.batching import index_selection
 
 pytestmark = pytest.mark.slow
 
@@ -73,12 +74,9 @@ def _forward(model, row, selection=None):
 
 
 def _recorded_selection(batch, i: int, fed: int) -> torch.Tensor:
-    """[1, fed, layers, K]: the engine's record from position K on, every earlier token before it."""
-    rec = torch.from_numpy(indexer_topk_of(batch, i))
-    layers = rec.shape[1]
-    early = torch.arange(TOPK)[None, :].expand(TOPK, -1)
-    early = early.masked_fill(early > torch.arange(TOPK)[:, None], -1)[:, None].expand(-1, layers, -1)
-    return torch.cat([early, rec])[None, :fed]
+    """[1, fed, layers, K]: the engine's record from position K on, every earlier token before it (the tensor
+    the trainer replays, `trainer.batching.index_selection`)."""
+    return index_selection(batch.slice(i, 1), [fed], fed)
 
 
 def test_engine_logprobs_equal_trainer_with_selection_replay(served, batch):
