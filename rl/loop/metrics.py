@@ -10,9 +10,12 @@ import json
 import math
 import os
 import secrets
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 def trim_metrics(run_dir: Path, keep: Callable[[dict], bool]) -> None:
@@ -67,3 +70,136 @@ def _jsonable(v: Any) -> Any:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+# ---- train-inference mismatch (the stabiliser ablation, bench/ablation.py) ------------------------------------
+
+
+def routing_agreement_per_layer(engine: torch.Tensor, trainer: torch.Tensor) -> torch.Tensor:
+    """Per MoE layer l, the fraction of tokens whose expert set is the same in both records:
+
+        agree_l = (1/M) sum_m [ sort(E_engine[m, l]) == sort(E_trainer[m, l]) ]
+
+    engine, trainer: [M, L, k] expert ids of M counted tokens (the order within a token's top-k carries no
+    meaning, so sets are compared). Returns [L] floats; the trainer's `routing_agreement` is their mean."""
+    if engine.shape != trainer.shape or engine.dim() != 3:
+        raise ValueError(f"routing records of shapes {tuple(engine.shape)} and {tuple(trainer.shape)}: expected "
+                         "two [tokens, layers, top_k]")
+    same = (engine.sort(-1).values == trainer.sort(-1).values).all(-1)
+    return same.float().mean(0) if len(same) else torch.ones(engine.shape[1])
+
+
+def kept_sets(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """The tokens a top-k / top-p sampler keeps, as a bool mask [M, V] over logits [M, V] (already divided by
+    the temperature). vLLM's rule: top-k first, then, in ascending probability order p_(1) <= ... <= p_(K),
+    drop the tokens with p_(1) + ... + p_(j) <= 1 - top_p (the most probable token is always kept)."""
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    if 0 < top_k < logits.shape[-1]:
+        keep &= logits >= logits.topk(top_k, dim=-1).values[..., -1:]
+    if top_p < 1.0:
+        masked = logits.masked_fill(~keep, float("-inf"))
+        probs, order = masked.softmax(-1).sort(-1)
+        drop = probs.cumsum(-1) <= 1 - top_p
+        drop[..., -1] = False
+        keep &= ~torch.zeros_like(drop).scatter(-1, order, drop)
+    return keep
+
+
+def kept_set_disagreement(engine_kept: torch.Tensor, trainer_keep: torch.Tensor) -> float:
+    """The fraction of positions whose kept set differs: engine_kept [M, K] the engine's kept ids (-1 padded),
+    trainer_keep [M, V] the trainer's own kept set as a mask (`kept_sets`)."""
+    vocab = trainer_keep.shape[-1]
+    # Padding goes to an extra column, dropped after: scattered onto a real id it could clear that id's mark.
+    engine_keep = torch.zeros(*trainer_keep.shape[:-1], vocab + 1, dtype=torch.bool)
+    engine_keep.scatter_(-1, torch.where(engine_kept >= 0, engine_kept, vocab), True)
+    engine_keep = engine_keep[..., :vocab]
+    return (engine_keep != trainer_keep).any(-1).float().mean().item() if len(engine_kept) else 0.0
+
+
+def logp_mismatch_distribution(engine_logp: torch.Tensor, trainer_logp: torch.Tensor) -> dict[str, float]:
+    """|log pi_samp(y_t) - log pi_theta(y_t)| over the counted tokens (1-D tensors): mean, quantiles, max; and the
+    train-inference KL of the sampler from the trainer, estimated on the sampled tokens (y_t ~ pi_samp):
+
+        kl_k1 = mean_t (log pi_samp - log pi_theta)                     (unbiased for KL(pi_samp || pi_theta))
+        kl_k3 = mean_t (r - 1 - log r),  r = pi_theta / pi_samp         (unbiased too, and never negative)
+    """
+    if engine_logp.numel() == 0:
+        return dict.fromkeys(("mean", "p50", "p90", "p99", "max", "kl_k1", "kl_k3"), 0.0)
+    diff = (engine_logp - trainer_logp).double()
+    gap = diff.abs()
+    q = torch.quantile(gap, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
+    log_r = -diff
+    return {"mean": gap.mean().item(), "p50": q[0].item(), "p90": q[1].item(), "p99": q[2].item(),
+            "max": gap.max().item(), "kl_k1": diff.mean().item(), "kl_k3": (log_r.exp() - 1 - log_r).mean().item()}
+
+
+def offpolicy_fraction(engine_logp: torch.Tensor, trainer_logp: torch.Tensor, mask: torch.Tensor,
+                       delta: float) -> float:
+    """The fraction of sequences the off-policy mask would drop were their advantage negative:
+
+        (1/N) sum_i [ (1/|o_i|) sum_t (log pi_samp - log pi_theta)(o_{i,t}) > delta ]
+
+    engine_logp, trainer_logp, mask: [N, T] (mask 1 on counted tokens)."""
+    counted = mask.sum(-1)
+    gap = ((engine_logp - trainer_logp) * mask).sum(-1) / counted.clamp(min=1)
+    rows = counted > 0
+    return (gap[rows] > delta).float().mean().item() if rows.any() else 0.0
+
+
+def grad_norm_spikes(norms: list[float], factor: float = 3.0) -> int:
+    """Steps whose gradient norm (before clipping) exceeds `factor` times the run's median: #{t: g_t > f median(g)}."""
+    finite = [g for g in norms if g is not None and math.isfinite(g)]
+    if not finite:
+        return 0
+    median = statistics.median(finite)
+    return sum(g > factor * median for g in finite)
+
+
+def collapsed(rewards: list[float], window: int = 10, fraction: float = 0.5) -> bool:
+    """A run collapsed when its smoothed reward ends below `fraction` of its best: with R_t the mean reward of
+    steps t-w+1..t, collapsed iff R_T < fraction * max_t R_t (it fell and stayed down to the last step).
+    A run whose best is 0 never learned anything and has not collapsed."""
+    if len(rewards) < window:
+        window = max(len(rewards), 1)
+    smooth = [statistics.fmean(rewards[t - window + 1 : t + 1]) for t in range(window - 1, len(rewards))]
+    if not smooth or max(smooth) <= 0:
+        return False
+    return smooth[-1] < fraction * max(smooth)
+
+
+def mismatch_probe(worker: Any, model: Any, prompts: list[list[int]], sampling: dict,
+                   delta: float = 0.5) -> dict[str, Any]:
+    """Sample `prompts` with a rollout worker (`rollout.worker.RolloutWorker`: the engine, in its dtype) and score
+    the same tokens with `model` (keel's Transformer, as the trainer computes: fp32, its own routing, log-probs
+    renormalised over the engine's kept sets as under Keep Sampling Mask). The worker must serve `model`'s weights.
+
+    Returns routing agreement per MoE layer and overall, kept-set disagreement (the trainer's own top-k/top-p set
+    against the engine's), the |log-prob| mismatch distribution and the train-inference KL
+    (`logp_mismatch_distribution`), and the fraction of sequences past the off-policy threshold `delta`."""
+    from rl.algo.logprobs import token_logprobs
+    from trainer.batching import to_train_tensors
+
+    batch = worker.generate(prompts, sampling, policy_version=0)
+    data = to_train_tensors(batch, model.config.num_experts_per_tok, with_routing=model.moe_layers > 0,
+                            with_mask=True)
+    temperature = sampling.get("temperature", 1.0)
+    with torch.no_grad():
+        out = model(data.input_ids, return_routing=True)
+        logp, _ = token_logprobs(out.hidden, model.lm_head.weight, data.targets, data.kept_ids,
+                                 temperature=temperature)
+        counted = data.response_mask > 0
+        fed = (data.targets != 0) | counted  # the tokens the engine ran its routers on
+        layers = (routing_agreement_per_layer(data.routing[fed], out.routing[fed]).tolist()
+                  if data.routing is not None else [])
+        result: dict[str, Any] = {
+            "routing_agreement": sum(layers) / len(layers) if layers else float("nan"),
+            "routing_agreement_per_layer": layers,
+            "logp_mismatch": logp_mismatch_distribution(data.old_logp[counted], logp[counted]),
+            "offpolicy_fraction": offpolicy_fraction(data.old_logp, logp, data.response_mask, delta),
+            "tokens": int(counted.sum()),
+        }
+        if data.kept_ids is not None and (data.kept_ids >= 0).any():
+            logits = model.logits(out.hidden[counted]) / temperature
+            own = kept_sets(logits, sampling.get("top_k", 0), sampling.get("top_p", 1.0))
+            result["kept_set_disagreement"] = kept_set_disagreement(data.kept_ids[counted], own)
+    return result
