@@ -210,9 +210,13 @@ def run_all(args: argparse.Namespace, output_dir: Path) -> list[dict]:
     for seed in args.seeds:
         seeds = [f"run.seed={seed}", f"model.seed={seed}", f"data.seed={seed}"]
         t = time.perf_counter()
-        sft = keel_train(args.config, output_dir / f"seed{seed}" / "sft", [*seeds, "run.steps=0", *args.overrides],
-                         output_dir / f"seed{seed}-sft.log")
-        print(f"seed {seed}: warm start {time.perf_counter() - t:.0f} s", flush=True)
+        done = sorted((output_dir / f"seed{seed}" / "sft").glob("*/init/model/config.json"))
+        if done:  # --output-dir of an earlier ablation: its warm start serves new variants too
+            sft = done[-1].parent.parent.parent
+        else:
+            sft = keel_train(args.config, output_dir / f"seed{seed}" / "sft",
+                             [*seeds, "run.steps=0", *args.overrides], output_dir / f"seed{seed}-sft.log")
+        print(f"seed {seed}: warm start {sft} ({time.perf_counter() - t:.0f} s)", flush=True)
         for variant in args.variants:
             t = time.perf_counter()
             run_dir = keel_train(args.config, output_dir / f"seed{seed}" / variant,

@@ -7,6 +7,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+# What the engine may compute in. On CPU only float32 makes the engine the trainer's function (routing_agreement
+# 1.0, log-probs within ~3e-7); bfloat16 / float16 sample a slightly different policy from the fp32 trainer's: the
+# train-inference mismatch of configs/ablation.yaml, where the stabilisers have something to correct.
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
 
 @dataclass
 class EngineConfig:
@@ -32,6 +37,10 @@ class EngineConfig:
     # Record each DSA layer's top-k selections per token into the batch (`indexer_topk`), for Keep Indexer
     # Selection (grpo.keep_indexer_selection) and the indexer_agreement metric; CPU sparse serving only.
     capture_indexer: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"rollout.engine.dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
 
     @classmethod
     def of(cls, engine: EngineConfig | dict[str, Any] | None) -> EngineConfig:

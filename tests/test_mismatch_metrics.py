@@ -82,3 +82,11 @@ def test_collapsed_when_the_smoothed_reward_ends_below_half_its_best() -> None:
     assert not collapsed(rise + [0.9] * 10 + [0.1] * 3 + [0.9] * 10, window=10)  # a dip, then back
     assert not collapsed(rise + [0.9] * 10, window=10)
     assert not collapsed([0.0] * 30)  # never learned: not a collapse
+
+
+def test_engine_dtype_is_checked_by_name() -> None:
+    from rollout.config import EngineConfig
+
+    assert EngineConfig.of({"dtype": "bfloat16"}).dtype == "bfloat16"
+    with pytest.raises(ValueError, match="rollout.engine.dtype='bf16'"):
+        EngineConfig.of({"dtype": "bf16"})
