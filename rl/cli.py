@@ -343,6 +343,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, DataError, FormatError, TokenizerError, FileNotFoundError) as err:
         print(f"keel: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (rl.loop.driver.ray_session turns it into one)
+        return 143 if str(err) == "SIGTERM" else 130  # 128 + the signal, as the shell reports a killed command
+    except RuntimeError as err:
+        from rollout.liveness import RolloutWorkerFailed
+        from trainer.group import TrainerRankDied
+
+        if not isinstance(err, RolloutWorkerFailed | TrainerRankDied):
+            raise
+        print(f"keel: error: {err}", file=sys.stderr)  # a fault the run could not survive, named; no traceback
+        return 1
 
 
 if __name__ == "__main__":

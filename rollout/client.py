@@ -1,10 +1,13 @@
 """The driver's view of the rollout workers: one call samples a batch across all of them.
 
 `generate` splits the prompts into one contiguous share per worker and concatenates the returned
-RolloutBatches in prompt order. Workers are Ray actors with `max_restarts`: when one dies, Ray
-restarts it (from the original checkpoint), the client pushes it the latest weights again and
-re-issues its share. A share's result arrives whole or not at all, so every sample is returned
-exactly once.
+RolloutBatches in prompt order. Workers are Ray actors with `max_restarts`. A worker fails when its
+process dies (Ray restarts it), when its engine dies under it (`liveness.EngineDied`: vLLM's engine core
+in its own process was killed) or when a call outlives its deadline (`liveness.call_deadline`: a hung
+engine); the client kills the worker in the last two cases so that Ray restarts it. The restarted worker
+(from the original checkpoint) gets the latest weights again and its share is re-issued. A share's result
+arrives whole or not at all, so every sample is returned exactly once. A worker that fails more than
+`max_restarts` times stops the run with `liveness.RolloutWorkerFailed`, naming it and the cause.
 
 Weights (CPU): the publisher (trainer rank 0) serializes each version once and the client sends every
 worker its handle (`load_weights`); the bytes never pass through this process. The `weight_transport`
@@ -23,6 +26,7 @@ driver puts the engines to sleep around the trainer's step (`sleep`, `wake_up`).
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +37,7 @@ import torch
 
 from rollout import serving, weight_sync
 from rollout.config import EngineConfig
+from rollout.liveness import EngineDied, RolloutWorkerFailed, call_deadline
 from rollout.worker import RolloutWorker, check_sampling
 
 
@@ -44,7 +49,11 @@ class RolloutClient:
         engine: EngineConfig | dict,
         ray_options: dict | None = None,
         max_restarts: int = 3,
+        timeout_s: float = 300.0,
+        timeout_per_token_s: float = 0.5,
     ) -> None:
+        """max_restarts: failures a worker may have in the client's life; timeout_s, timeout_per_token_s: a call's
+        deadline (`liveness.call_deadline`)."""
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         cuda = serving.on_cuda()
@@ -66,8 +75,12 @@ class RolloutClient:
         self.handle: weight_sync.WeightHandle | None = None  # latest weights the workers loaded (CPU)
         self.published: weight_sync.WeightHandle | None = None  # the latest version update_weights published here
         self.reissued = 0  # shares re-run after a worker died
+        self.max_restarts, self.timeout_s, self.timeout_per_token_s = max_restarts, timeout_s, timeout_per_token_s
+        self.restarts = [0] * num_workers  # failures per worker so far
         self.last_update: list[dict] = []  # per worker: what its latest weight load read, and from where
-        self.worker_nodes = [s["node_id"] for s in ray.get([w.ping.remote() for w in self.workers])]
+        states = ray.get([w.ping.remote() for w in self.workers])
+        self.worker_nodes = [s["node_id"] for s in states]
+        self.worker_pids = [(s["node_id"], s["pid"]) for s in states]  # a restarted worker answers from another
 
     def generate(
         self, prompts: list[list[int]], sampling: dict, policy_version: int, prompt_indices: list[int] | None = None
@@ -183,27 +196,63 @@ class RolloutClient:
             self.published = None
 
     def _run(self, calls: list[tuple[int, str, tuple | None]]) -> list:
-        """Run (worker, method, args) calls; results in call order; re-issue calls whose worker died.
+        """Run (worker, method, args) calls; results in call order; re-issue calls whose worker failed.
 
         An "update_weights" call takes no args: it always sends the latest handle and version, and one
-        whose worker died is not re-issued when `_recover` already brought the restarted worker to them.
+        whose worker failed is not re-issued when `_recover` already brought the restarted worker to them.
         """
         results: list = [None] * len(calls)
-        pending = {self._submit(*call): k for k, call in enumerate(calls)}
+        pending = {self._submit(*call): (k, time.monotonic() + self._deadline(*call)) for k, call in enumerate(calls)}
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            k = pending.pop(done[0])
-            try:
-                results[k] = ray.get(done[0])
-            except ray.exceptions.RayActorError:
-                worker, method, _ = calls[k]
-                loaded = self._recover(worker)
-                if method == "update_weights" and loaded is not None:
-                    results[k] = loaded
+            first = min(due for _, due in pending.values())
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=max(first - time.monotonic(), 0.0))
+            kill = False
+            if done:
+                k, _ = pending.pop(done[0])
+                try:
+                    results[k] = ray.get(done[0])
                     continue
-                self.reissued += 1
-                pending[self._submit(*calls[k])] = k
+                except ray.exceptions.RayActorError as err:  # the process died; Ray restarts it
+                    cause = str(err).strip().splitlines()[0]
+                except EngineDied as err:  # the engine died under a live worker
+                    cause, kill = str(getattr(err, "cause", err)), True
+            else:
+                ref = min(pending, key=lambda r: pending[r][1])
+                k, _ = pending.pop(ref)
+                cause, kill = f"no answer to {calls[k][1]} within {self._deadline(*calls[k]):.0f} s", True
+            worker, method, _ = calls[k]
+            loaded = self._restart(worker, cause, kill)
+            if method == "update_weights" and loaded is not None:
+                results[k] = loaded
+                continue
+            self.reissued += 1
+            pending[self._submit(*calls[k])] = (k, time.monotonic() + self._deadline(*calls[k]))
         return results
+
+    def _deadline(self, worker: int, method: str, args: tuple | None) -> float:
+        """Seconds the call may take (`liveness.call_deadline`): generate's scale with its decode steps."""
+        if method != "generate":
+            return call_deadline(self.timeout_s, 0.0, 0, 1, 1)
+        prompts, sampling = args[0], args[1]
+        return call_deadline(self.timeout_s, self.timeout_per_token_s, sampling.get("max_tokens", 16),
+                             len(prompts) * sampling.get("n", 1), self.engine.max_num_seqs)
+
+    def _restart(self, worker: int, cause: str, kill: bool) -> dict | None:
+        """Count a failure of `worker` (RolloutWorkerFailed past max_restarts), kill it if it still runs, wait for
+        Ray to restart it and bring it to the latest weights (`_recover`)."""
+        self.restarts[worker] += 1
+        if self.restarts[worker] > self.max_restarts:
+            raise RolloutWorkerFailed(f"rollout worker {worker} failed {self.restarts[worker]} times, more than "
+                                      f"rollout.max_restarts={self.max_restarts}; last cause: {cause}")
+        print(f"keel: rollout worker {worker}: {cause}; restarting it ({self.restarts[worker]} of "
+              f"rollout.max_restarts={self.max_restarts}) and re-issuing its share", file=sys.stderr, flush=True)
+        if kill:
+            ray.kill(self.workers[worker], no_restart=False)
+        try:
+            return self._recover(worker)  # its own bound: a restart builds an engine (minutes for a large model)
+        except (ray.exceptions.RayError, TimeoutError) as err:
+            raise RolloutWorkerFailed(f"rollout worker {worker} did not come back after a restart ({cause}): "
+                                      f"{str(err).strip().splitlines()[0]}") from err
 
     def _submit(self, worker: int, method: str, args: tuple | None) -> ray.ObjectRef:
         if method == "update_weights":
@@ -215,13 +264,16 @@ class RolloutClient:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                state = ray.get(self.workers[worker].ping.remote())
-                break
+                state = ray.get(self.workers[worker].ping.remote(), timeout=max(deadline - time.monotonic(), 1.0))
+                if (state["node_id"], state["pid"]) != self.worker_pids[worker]:
+                    break  # not the old process (ray.kill takes a moment), which would still answer
             except ray.exceptions.RayActorError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1.0)
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rollout worker {worker} was not restarted within {timeout_s:.0f} s")
+            time.sleep(0.5)
         self.worker_nodes[worker] = state["node_id"]
+        self.worker_pids[worker] = (state["node_id"], state["pid"])
         if self.cuda and state["version"] != self.version:
             raise RuntimeError(
                 f"rollout worker {worker} was restarted with the checkpoint's weights (version {state['version']}, "
@@ -232,7 +284,7 @@ class RolloutClient:
             return None
         # Restarted on another node than the publisher's: the /dev/shm file is out of its reach.
         self.handle = self._reachable(self.handle)
-        result = ray.get(self.workers[worker].update_weights.remote(self.handle, self.version))
+        result = ray.get(self.workers[worker].update_weights.remote(self.handle, self.version), timeout=timeout_s)
         if worker < len(self.last_update):
             self.last_update[worker] = result
         return result

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from rl.algo.batch import make_rollout_batch, rollout_schema, routing_dtype, selection_dtype, selection_sentinel
-from rollout import sampling_mask, serving, weight_sync
+from rollout import liveness, sampling_mask, serving, weight_sync
 from rollout.config import EngineConfig
 
 SAMPLING_DEFAULTS = dict(
@@ -100,6 +100,7 @@ class RolloutWorker:
         if self.sparse:
             self.llm.collective_rpc("keel_enable_sparse", args=(checkpoint_dir, self.capture_index))
         self.enable_capture()
+        self.watch = liveness.EngineWatch(self.llm)  # an engine core in its own process that dies fails the call
 
     def enable_capture(self) -> None:
         """(Re)install the CPU engine's routing and kept-set hooks; a no-op on CUDA."""
@@ -111,12 +112,13 @@ class RolloutWorker:
 
     def ping(self) -> dict:
         return {"pid": os.getpid(), "version": self.version, "cuda": self.cuda, "serving_dir": self.serving.path,
-                "node_id": weight_sync.current_node()}
+                "node_id": weight_sync.current_node(), "engine_pids": self.watch.pids or [os.getpid()]}
 
     def shutdown(self) -> None:
         """Stop the engine and remove the CPU serving view. The worker is unusable afterwards."""
         llm = getattr(self, "llm", None)
         if llm is not None:
+            self.watch.stop()
             llm.llm_engine.engine_core.shutdown()
             self.llm = None
         self.serving.cleanup()
@@ -162,9 +164,12 @@ class RolloutWorker:
             for i in range(len(requests))
         ]
         try:
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
-            captured = self._take_captures(outputs, take_kept)
-            selections = self._take_selections(outputs) if self.capture_index else None
+            with self.watch.guard():
+                outputs = self.llm.generate(requests, params, use_tqdm=False)
+                captured = self._take_captures(outputs, take_kept)
+                selections = self._take_selections(outputs) if self.capture_index else None
+        except liveness.EngineDied:
+            raise  # nothing to clear: the engine is gone
         except Exception:
             if self.capture_routing or self.capture_kept:
                 self.llm.collective_rpc("keel_clear")
@@ -270,9 +275,9 @@ class RolloutWorker:
                 "and vLLM's NCCLTrainerWeightTransferEngine from trainer rank 0"
             )
         weight_sync.check_weights(handle.shapes, self.expected_weights)
-        with weight_sync.weights_file(handle) as (path, source):
+        with weight_sync.weights_file(handle) as (path, source), self.watch.guard():
             self.llm.collective_rpc("keel_load_weights", args=(path, serving.ignored_weights(self.cuda)))
-        self.llm.reset_prefix_cache()
+            self.llm.reset_prefix_cache()
         self.version = version
         return {"version": version, "source": source, "path": path}
 

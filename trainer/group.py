@@ -8,6 +8,7 @@ client; CPU), its NCCL broadcast to the engines (`open_weight_sync`, `send_weigh
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pyarrow as pa
@@ -25,6 +26,16 @@ from trainer.worker import TrainerWorker
 def warmup_lr(step: int, base: float, warmup_steps: int) -> float:
     """Linear warm-up to `base` over `warmup_steps` steps (step counts from 0), then constant."""
     return base * min(1.0, (step + 1) / max(warmup_steps, 1))
+
+
+class TrainerRankDied(RuntimeError):
+    """A trainer rank's process died; the message names the rank and the call. The group cannot go on without
+    it (its shard of the optimiser state is gone): the run stops, and its last checkpoint resumes it."""
+
+
+def _pid(actor) -> int:
+    """Run on a rank through `__ray_call__`: its process id (named when the rank dies)."""
+    return os.getpid()
 
 
 def _free_port() -> int:
@@ -65,9 +76,33 @@ class TrainerGroup:
                      temperature, freeze_backbone)
             for i in range(n)
         ]
-        ray.get([w.ping.remote() for w in self.workers])
+        self.failed = False  # a rank died or raised: the others may be stuck in a collective waiting for it
+        self.pids: list[int] = []
+        self.pids = self._get([w.__ray_call__.remote(_pid) for w in self.workers], "start-up")
         self.publisher_node: str | None = ray.get(self.workers[0].node_id.remote())  # rank 0's Ray node
         self.weight_sync_open = False  # CUDA: whether rank 0 has joined the NCCL weight-sync group
+
+    def _get(self, refs: list, what: str) -> list:
+        """Results of one call per rank (rank order; refs[i] is rank i's). The first rank to fail ends the wait
+        at once: the others would wait for it in their next collective until the backend's timeout (gloo's and
+        NCCL's default: 30 min). A dead rank is a TrainerRankDied naming it; a rank's exception is re-raised."""
+        pending = {ref: rank for rank, ref in enumerate(refs)}
+        results: list = [None] * len(refs)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            rank = pending.pop(done[0])
+            try:
+                results[rank] = ray.get(done[0])
+            except ray.exceptions.RayActorError as err:
+                self.failed = True
+                if not self.pids:
+                    raise  # a rank that could not start: Ray's error carries the reason
+                raise TrainerRankDied(f"trainer rank {rank} of {len(self.workers)} (pid {self.pids[rank]}) died during "
+                                      f"{what}: {str(err).strip().splitlines()[0]}") from None
+            except Exception:
+                self.failed = True
+                raise
+        return results
 
     def _shards(self, n_rows: int) -> list[slice]:
         per = n_rows // len(self.workers)
@@ -77,7 +112,8 @@ class TrainerGroup:
 
     def grpo_step(self, batch: pa.RecordBatch) -> dict[str, float]:
         shards = [batch.slice(s.start, s.stop - s.start) for s in self._shards(batch.num_rows)]
-        results = ray.get([w.grpo_step.remote(shard) for w, shard in zip(self.workers, shards, strict=True)])
+        results = self._get([w.grpo_step.remote(shard) for w, shard in zip(self.workers, shards, strict=True)],
+                            "grpo_step")
         return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
     def train_step(
@@ -86,12 +122,13 @@ class TrainerGroup:
     ) -> dict[str, float]:
         """One step with a loss kind (see TrainerWorker.train_step); segment_ids [B, T] for packed rows."""
         shards = self._shards(input_ids.shape[0])
-        results = ray.get(
+        results = self._get(
             [
                 w.train_step.remote(input_ids[s], targets[s], loss_mask[s], lrs, loss,
                                     None if segment_ids is None else segment_ids[s])
                 for w, s in zip(self.workers, shards, strict=True)
-            ]
+            ],
+            "train_step",
         )
         return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
@@ -107,36 +144,40 @@ class TrainerGroup:
 
     def eval_loss(self, ids: torch.Tensor, sparse: bool, batch_size: int = 16) -> float:
         """Held-out mean next-token loss, on rank 0 (every rank holds the whole model under ZeRO-1/2)."""
-        return ray.get(self.workers[0].eval_loss.remote(ids, sparse, batch_size))
+        return self._get([self.workers[0].eval_loss.remote(ids, sparse, batch_size)], "eval_loss")[0]
 
     def publish_weights(self, version: int, file: bool = True, blob: bool = False) -> WeightHandle:
         """Rank 0 publishes the current weights (see TrainerWorker.publish_weights); only the handle comes back."""
-        return ray.get(self.workers[0].publish_weights.remote(version, file, blob))
+        return self._get([self.workers[0].publish_weights.remote(version, file, blob)], "publish_weights")[0]
 
     def open_weight_sync(self, client, world_size: int, engine_dtype: str, bucket_mb: int) -> None:
         """CUDA: rank 0 joins the NCCL weight-sync group with the rollout workers (TrainerWorker.open_weight_sync)."""
-        ray.get(self.workers[0].open_weight_sync.remote(client, world_size, engine_dtype, bucket_mb))
+        self._get([self.workers[0].open_weight_sync.remote(client, world_size, engine_dtype, bucket_mb)],
+                  "open_weight_sync")
         self.weight_sync_open = True
 
     def send_weights(self, version: int) -> None:
         """CUDA: rank 0 broadcasts the current weights to the rollout engines over NCCL."""
-        ray.get(self.workers[0].send_weights.remote(version))
+        self._get([self.workers[0].send_weights.remote(version)], "send_weights")
 
     def save(self, directory: str, tokenizer_dir: str | None = None) -> None:
-        ray.get([w.save.remote(directory, tokenizer_dir) for w in self.workers])
+        self._get([w.save.remote(directory, tokenizer_dir) for w in self.workers], "save")
 
     def export(self, directory: str, tokenizer_dir: str | None = None) -> None:
         """The current weights as an HF checkpoint in `directory` (no optimiser state)."""
-        ray.get(self.workers[0].export.remote(directory, tokenizer_dir))
+        self._get([self.workers[0].export.remote(directory, tokenizer_dir)], "export")
 
     def load_optimizer(self, directory: str) -> None:
-        ray.get([w.load_optimizer.remote(directory) for w in self.workers])
+        self._get([w.load_optimizer.remote(directory) for w in self.workers], "load_optimizer")
 
-    def shutdown(self) -> None:
-        try:
-            ray.get([w.shutdown.remote() for w in self.workers], timeout=60)
-        except Exception:  # noqa: BLE001 - the actors are killed below either way
-            pass
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Stop the ranks: each shuts down on its own within `timeout_s`, then is killed. After a failure they are
+        killed at once (a survivor may be stuck in a collective with the dead rank and would never answer)."""
+        if not self.failed:
+            try:
+                ray.get([w.shutdown.remote() for w in self.workers], timeout=timeout_s)
+            except Exception:  # noqa: BLE001 - the actors are killed below either way
+                pass
         for w in self.workers:
             ray.kill(w)
         remove_placement_group(self.pg)

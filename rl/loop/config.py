@@ -87,6 +87,12 @@ class RolloutConfig:
     max_tokens: int = 8
     logprobs_candidates: int = 0  # 0: enough for the kept set (top_k, or the vocab when top_p < 1)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # Faults (rollout/liveness.py): a worker whose process or engine dies, or whose call outlives its deadline
+    # (timeout_s + timeout_per_token_s * max_tokens per max_num_seqs requests), is restarted at the current
+    # weights and its share re-issued; past max_restarts failures of one worker the run stops, naming it.
+    max_restarts: int = 3
+    timeout_s: float = 300.0
+    timeout_per_token_s: float = 0.5
 
 
 @dataclass
@@ -205,6 +211,11 @@ def _problems(cfg: DictConfig) -> list[str]:
         problems.append(f"data.sft_off_by_one={cfg.data.sft_off_by_one} must be in [0, 1]")
     if cfg.data.sft_off_by_one and cfg.data.response_key:
         problems.append("data.sft_off_by_one writes the warm start's responses itself: leave data.response_key empty")
+    if cfg.rollout.max_restarts < 0:
+        problems.append(f"rollout.max_restarts={cfg.rollout.max_restarts} must be >= 0")
+    if cfg.rollout.timeout_s <= 0 or cfg.rollout.timeout_per_token_s < 0:
+        problems.append(f"rollout.timeout_s={cfg.rollout.timeout_s} must be > 0 and rollout.timeout_per_token_s="
+                        f"{cfg.rollout.timeout_per_token_s} >= 0")
     if not 0 < cfg.rollout.top_p <= 1:
         problems.append(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
     if cfg.rollout.temperature <= 0:

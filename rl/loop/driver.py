@@ -16,6 +16,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +34,7 @@ from rewards.sandbox import ALLOW_WEAK_ENV
 from rl.algo.batch import with_columns
 from rl.algo.config import GRPOConfig
 from rl.algo.grpo import group_advantages
-from rl.loop.config import as_dataclass
+from rl.loop.config import RolloutConfig, as_dataclass
 from rl.loop.data import sample_indices
 from rl.loop.metrics import MetricsLogger
 from rl.loop.run_dir import commit_checkpoint, create_run_dir, latest_checkpoint, prune_checkpoints, resume_run_dir
@@ -72,10 +75,24 @@ def ray_session(address: str, cpus_needed: int):
         # Logical CPUs: actors hold theirs for the whole run, reward tasks need a few more to schedule.
         ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False,
                  log_to_driver=os.environ.get("KEEL_RAY_LOGS", "0") == "1")
+    # After ray.init, whose own SIGTERM handler exits without a word.
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         yield
     finally:
         ray.shutdown()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _interrupt(signum: int, frame) -> None:
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop): unwind the run as a KeyboardInterrupt naming the signal, so
+    the actors and Ray are stopped on the way out. Repeats are ignored: a second Ctrl-C would cut that short and
+    leave Ray's processes behind."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 class Run:
@@ -219,8 +236,14 @@ def train(cfg: DictConfig, resume: str | None = None) -> Path:
         os.environ[ALLOW_WEAK_ENV] = "1"
     cpus = int(cfg.trainer.num_ranks * cfg.trainer.cpus_per_rank + cfg.rollout.num_workers + 2)
     run = Run(cfg, run_dir)  # the tokenizer, the data and the prompt format are checked before Ray starts
-    with ray_session(cfg.run.ray_address, cpus):
-        return _train(cfg, run_dir, run)
+    try:
+        with ray_session(cfg.run.ray_address, cpus):
+            return _train(cfg, run_dir, run)
+    except BaseException as err:
+        what = f"interrupted ({err})" if isinstance(err, KeyboardInterrupt) else f"stopped by {type(err).__name__}"
+        print(f"keel: {what}; last checkpoint: {latest_run_checkpoint(run_dir) or 'none yet'}; continue with: "
+              f"keel train --resume {run_dir}", file=sys.stderr, flush=True)
+        raise
 
 
 def _train(cfg: DictConfig, run_dir: Path, run: Run | None = None) -> Path:
@@ -239,7 +262,10 @@ def _train(cfg: DictConfig, run_dir: Path, run: Run | None = None) -> Path:
     logger = MetricsLogger(run_dir, cfg.run.wandb_mode, cfg.run.wandb_project, run_dir.name,
                            OmegaConf.to_container(cfg), resume_step=state["step"] if ckpt else -1)
     trainer = run.trainer_group(policy, init, cfg.grpo.lr)
-    client = RolloutClient(str(policy), cfg.rollout.num_workers, run.engine_config())
+    r = as_dataclass(RolloutConfig, cfg.rollout)  # a run from before a key existed gets its default
+    client = RolloutClient(str(policy), r.num_workers, run.engine_config(), max_restarts=r.max_restarts,
+                           timeout_s=r.timeout_s, timeout_per_token_s=r.timeout_per_token_s)
+    stop_s = 60.0  # how long the actors get to shut down on their own
     try:
         if ckpt:
             trainer.load_optimizer(str(ckpt))
@@ -274,10 +300,13 @@ def _train(cfg: DictConfig, run_dir: Path, run: Run | None = None) -> Path:
             f"keel: metrics {run_dir / 'metrics.jsonl'}, rollouts {run_dir / 'rollouts'}, "
             f"checkpoints {run_dir / 'checkpoints'}"
         )
+    except BaseException:
+        stop_s = 5.0  # failed or interrupted: an actor may be stuck mid-call; it is killed
+        raise
     finally:
         logger.close()
-        client.shutdown()
-        trainer.shutdown()
+        client.shutdown(timeout_s=stop_s)
+        trainer.shutdown(timeout_s=stop_s)
     return run_dir
 
 
