@@ -81,6 +81,7 @@ class TrainerGroup:
         self.pids = self._get([w.__ray_call__.remote(_pid) for w in self.workers], "start-up")
         self.publisher_node: str | None = ray.get(self.workers[0].node_id.remote())  # rank 0's Ray node
         self.weight_sync_open = False  # CUDA: whether rank 0 has joined the NCCL weight-sync group
+        self.zero3 = trainer.zero_stage == 3  # parameters sharded: reading whole weights takes every rank
 
     def _get(self, refs: list, what: str) -> list:
         """Results of one call per rank (rank order; refs[i] is rank i's). The first rank to fail ends the wait
@@ -143,12 +144,12 @@ class TrainerGroup:
         return {"sft_loss": m["lm_loss"], "skipped": m["skipped"], **extra}
 
     def eval_loss(self, ids: torch.Tensor, sparse: bool, batch_size: int = 16) -> float:
-        """Held-out mean next-token loss, on rank 0 (every rank holds the whole model under ZeRO-1/2)."""
-        return self._get([self.workers[0].eval_loss.remote(ids, sparse, batch_size)], "eval_loss")[0]
+        """Held-out mean next-token loss, rank 0's (under ZeRO-3 every rank runs it: forwards gather weights)."""
+        return self._rank0("eval_loss", ids, sparse, batch_size)
 
     def publish_weights(self, version: int, file: bool = True, blob: bool = False) -> WeightHandle:
         """Rank 0 publishes the current weights (see TrainerWorker.publish_weights); only the handle comes back."""
-        return self._get([self.workers[0].publish_weights.remote(version, file, blob)], "publish_weights")[0]
+        return self._rank0("publish_weights", version, file, blob)
 
     def open_weight_sync(self, client, world_size: int, engine_dtype: str, bucket_mb: int) -> None:
         """CUDA: rank 0 joins the NCCL weight-sync group with the rollout workers (TrainerWorker.open_weight_sync)."""
@@ -165,7 +166,14 @@ class TrainerGroup:
 
     def export(self, directory: str, tokenizer_dir: str | None = None) -> None:
         """The current weights as an HF checkpoint in `directory` (no optimiser state)."""
-        self._get([self.workers[0].export.remote(directory, tokenizer_dir)], "export")
+        self._rank0("export", directory, tokenizer_dir)
+
+    def _rank0(self, method: str, *args):
+        """Rank 0's result of a call that reads whole weights; under ZeRO-3 every rank makes it (gathers are
+        collectives) and the others return None."""
+        workers = self.workers if self.zero3 else self.workers[:1]
+        refs = [getattr(w, method).remote(*args) for w in workers]
+        return self._get(refs, method)[0]
 
     def load_optimizer(self, directory: str) -> None:
         self._get([w.load_optimizer.remote(directory) for w in self.workers], "load_optimizer")

@@ -8,10 +8,16 @@ them: its grads are averaged over the ranks (ZeRO-1/2 reduce only the parameters
 ZeRO-0 DeepSpeed has averaged every gradient already, and averaging equal copies again changes nothing beyond
 rounding), clipped by their own norm, and applied by a torch AdamW. Parameters in a low precision (bf16) get fp32 master
 copies, as DeepSpeed keeps for the policy. `state_dict` holds everything `--resume` needs to continue exactly.
+
+Under ZeRO-3 DeepSpeed shards the indexer like every parameter of its module (gathering it for its forward and
+backward, where autograd still leaves each rank a whole gradient, since it is in no DeepSpeed optimiser). Every
+rank then keeps whole fp32 masters, identical on all ranks (same averaged gradients, same steps), and each step
+is written back into the shards through DeepSpeed's GatheredParameters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -35,8 +41,11 @@ class IndexerOptimizer:
             raise ValueError("IndexerOptimizer needs at least one parameter")
         self.params = list(params)
         self.max_norm, self.world_size = max_norm, world_size
-        # fp32 parameters are stepped in place; others through fp32 masters copied back after each step.
-        self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params]
+        # fp32 whole parameters are stepped in place; others through fp32 masters copied back after each step.
+        self.sharded = [p for p in self.params if hasattr(p, "ds_id")]  # DeepSpeed ZeRO-3 parameters
+        with self._gathered(modify=False):
+            self.masters = [p if p.dtype == torch.float32 and not self.sharded else p.detach().float().clone()
+                            for p in self.params]
         self.optimizer = torch.optim.AdamW(self.masters, lr=lr, betas=betas, weight_decay=weight_decay)
         self.steps_skipped = 0
 
@@ -58,7 +67,8 @@ class IndexerOptimizer:
         step (DeepSpeed's ZeRO-0 clip would otherwise count these gradients too)."""
         if not self.has_grad():
             return None
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+        grads = [torch.zeros_like(m) if p.grad is None else p.grad for p, m in zip(self.params, self.masters,
+                                                                                     strict=True)]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         if self.world_size > 1 and dist.is_initialized():
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
@@ -67,8 +77,8 @@ class IndexerOptimizer:
         for master, p in zip(self.masters, self.params, strict=True):
             if master is not p:
                 p.grad = None
-            master.grad = flat[offset : offset + p.numel()].view_as(master).to(master.dtype)
-            offset += p.numel()
+            master.grad = flat[offset : offset + master.numel()].view_as(master).to(master.dtype)
+            offset += master.numel()
         norm = torch.linalg.vector_norm(flat).item()
         if not math.isfinite(norm):
             self.steps_skipped += 1
@@ -85,8 +95,16 @@ class IndexerOptimizer:
         for p in self.params:
             p.grad = None
 
+    def _gathered(self, modify: bool) -> contextlib.AbstractContextManager:
+        """Whole sharded parameters inside (a collective); with `modify`, rank 0's values are sharded on exit."""
+        if not self.sharded:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(self.sharded, modifier_rank=0 if modify else None)
+
     def _copy_back(self) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), self._gathered(modify=True):
             for master, p in zip(self.masters, self.params, strict=True):
                 if master is not p:
                     p.copy_(master)

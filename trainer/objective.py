@@ -32,7 +32,7 @@ LOSSES = ("lm", "indexer_dense", "lm_sparse_indexer", "lm_dense_indexer")
 
 def policy_logprobs(
     forward: Callable[..., ModelOutput],
-    head_weight: torch.Tensor,
+    head_weight: torch.Tensor | torch.nn.Module,
     data: TrainTensors,
     routing: torch.Tensor | None,
     temperature: float,
@@ -53,7 +53,7 @@ def policy_logprobs(
 
 def grpo_objective(
     forward: Callable[..., ModelOutput],
-    head_weight: torch.Tensor,
+    head_weight: torch.Tensor | torch.nn.Module,
     mb: TrainTensors,
     ref_logp: torch.Tensor | None,
     options: GRPOConfig,
@@ -89,7 +89,7 @@ def grpo_objective(
     return loss, metrics
 
 
-def masked_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+def masked_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor | torch.nn.Module, targets: torch.Tensor,
                    loss_mask: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
     """Mean next-token negative log-likelihood of targets [B, T] over loss_mask (None: every position)."""
     logp, _ = token_logprobs(hidden, head_weight, targets, chunk_size=chunk_size)
@@ -111,7 +111,7 @@ def lm_objective(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """(loss to minimise, metrics) of one batch for a loss kind of `LOSSES`; `forward` is the model or its
     DeepSpeed engine, `model` the bare module (its lm_head)."""
-    head = model.lm_head.weight
+    head = model.lm_head  # called as a module: ZeRO-3 gathers its weight (rl.algo.logprobs)
     if kind == "lm":
         out = forward(input_ids, segment_ids=segment_ids)
         loss = masked_lm_loss(out.hidden, head, targets, loss_mask, chunk_size)
@@ -138,7 +138,7 @@ def held_out_loss(model: Transformer, ids: torch.Tensor, sparse: bool, batch_siz
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
         out = model(chunk[:, :-1], sparse=sparse)
-        total += masked_lm_loss(out.hidden, model.lm_head.weight, chunk[:, 1:]).item() * chunk[:, 1:].numel()
+        total += masked_lm_loss(out.hidden, model.lm_head, chunk[:, 1:]).item() * chunk[:, 1:].numel()
         count += chunk[:, 1:].numel()
     model.train(was_training)
     return total / count

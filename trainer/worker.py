@@ -26,6 +26,7 @@ import rollout.weight_sync as weight_sync  # the receiving contract: what a publ
 from rl.algo.config import GRPOConfig
 from rl.model.checkpoint import load_model, save_checkpoint
 from rl.model.transformer import Transformer
+from trainer import sharding
 from trainer.batching import TrainTensors, to_train_tensors
 from trainer.config import TrainerConfig
 from trainer.indexer_optim import IndexerOptimizer
@@ -97,17 +98,9 @@ class TrainerWorker:
             raise ValueError("freeze_backbone without an indexer to train (grpo.train_indexer off or no indexer)")
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
         micro = max(grpo.mini_batch_size // world_size, 1)
-        ds_config = {
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": 1,
-            "train_batch_size": micro * world_size,
-            "gradient_clipping": grpo.grad_clip,
-            "zero_optimization": {"stage": trainer.zero_stage},
-            "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": self.dtype == torch.bfloat16},
-            "steps_per_print": 1 << 30,
-        }
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        ds_config = sharding.deepspeed_config(trainer.zero_stage, micro, world_size, grpo.grad_clip,
+                                              self.dtype == torch.bfloat16)
+        self.engine, self.optimizer = sharding.initialize(model, optimizer, ds_config)
         self.model: Transformer = self.engine.module
         self.indexer_optim: IndexerOptimizer | None = None
         if own_indexer_optimiser:
@@ -151,7 +144,7 @@ class TrainerWorker:
 
     def _logprobs(self, model, t: TrainTensors, routing, **fwd) -> tuple:
         """`model` is the DeepSpeed engine (gradient), the bare policy, or the reference model."""
-        head = (self.model if model is self.engine else model).lm_head.weight
+        head = (self.model if model is self.engine else model).lm_head
         return policy_logprobs(model, head, t, routing, self.temperature, self.grpo.logprob_chunk, **fwd)
 
     def grpo_step(self, shard: pa.RecordBatch) -> dict[str, float]:
@@ -207,7 +200,7 @@ class TrainerWorker:
                 rows = slice(start, start + micro)
                 mb = data.select(rows)
                 total, m = grpo_objective(
-                    self.engine, self.model.lm_head.weight, mb, None if ref_logp is None else ref_logp[rows], g,
+                    self.engine, self.model.lm_head, mb, None if ref_logp is None else ref_logp[rows], g,
                     self.temperature, train_indexer=self.model.with_indexer and g.train_indexer,
                     old_logp=None if old_logp is None else old_logp[rows],
                 )
@@ -291,18 +284,29 @@ class TrainerWorker:
 
     # ---- weights and checkpoints --------------------------------------------------------------------
 
+    @property
+    def zero3(self) -> bool:
+        """Parameters sharded over the ranks: reading whole weights (`state_dict`, `publish_weights`, `export`,
+        `save`, `eval_loss`) is then a collective every rank takes part in (TrainerGroup calls them all)."""
+        return self.trainer.zero_stage == 3
+
     def state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Full fp32 weights on rank 0 (ZeRO-1/2 keep whole parameters on every rank), None elsewhere."""
-        if self.rank != 0:
+        """Full fp32 weights on rank 0 (under ZeRO-3 gathered bucket by bucket, every rank taking part), None
+        elsewhere."""
+        if not self.zero3 and self.rank != 0:
             return None
-        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.model.state_dict().items()}
+        return sharding.gathered_state(self.model, keep=self.rank == 0)
 
     def publish_weights(self, version: int, file: bool = True, blob: bool = False) -> weight_sync.WeightHandle:
         """Rank 0: serialize the current weights once for the rollout engines and return the handle (a path,
         the names and shapes, an object-store ref); `file`/`blob` as the rollout client's transport plan says.
-        The version published before is released here (its file deleted): the engines loaded it already."""
+        The version published before is released here (its file deleted): the engines loaded it already.
+        Under ZeRO-3 every rank calls it (the gathers) and the others return None."""
         if self.rank != 0:
-            raise RuntimeError("only trainer rank 0 publishes weights")
+            if not self.zero3:
+                raise RuntimeError("only trainer rank 0 publishes weights")
+            self.state_dict()
+            return None
         handle = weight_sync.publish_weights(self.state_dict(), version, file=file, blob=blob,
                                              node=weight_sync.current_node())
         previous, self.published = self.published, handle
@@ -318,6 +322,9 @@ class TrainerWorker:
             raise RuntimeError("only trainer rank 0 sends weights")
         if self.sender is not None:
             raise RuntimeError("the NCCL weight-sync group is open already")
+        if self.zero3:
+            raise NotImplementedError("NCCL weight sync under trainer.zero_stage=3 (a gather per bucket on every "
+                                      "rank while rank 0 broadcasts) is not written yet; use zero_stage 1 or 2")
         import ray
 
         with socket.socket() as s:
@@ -334,7 +341,9 @@ class TrainerWorker:
         self.sender.send(version)
 
     def export(self, directory: str, tokenizer_dir: str | None = None) -> None:
-        """Rank 0: the weights as an HF checkpoint in `directory` (with the tokenizer of `tokenizer_dir`)."""
+        """Rank 0: the weights as an HF checkpoint in `directory` (with the tokenizer of `tokenizer_dir`); under
+        ZeRO-3 the consolidated weights, every rank taking part in the gathers."""
+        state = self.state_dict()
         if self.rank != 0:
             return
         tok = None
@@ -343,7 +352,7 @@ class TrainerWorker:
 
             tok = CharTokenizer.load(tokenizer_dir)
         export = Transformer(self.model.config, with_indexer=self.model.with_indexer)
-        export.load_state_dict(self.state_dict())
+        export.load_state_dict(state)
         save_checkpoint(export, directory, tokenizer=tok)
 
     def save(self, directory: str, tokenizer_dir: str | None = None) -> None:

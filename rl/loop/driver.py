@@ -37,6 +37,7 @@ from rl.algo.grpo import group_advantages
 from rl.loop.config import RolloutConfig, as_dataclass
 from rl.loop.data import sample_indices
 from rl.loop.metrics import MetricsLogger
+from rl.loop.placement import check_placement, cluster_nodes
 from rl.loop.run_dir import commit_checkpoint, create_run_dir, latest_checkpoint, prune_checkpoints, resume_run_dir
 from rl.loop.tasks import Task, make_task
 from rl.model.checkpoint import (
@@ -251,6 +252,8 @@ def _train(cfg: DictConfig, run_dir: Path, run: Run | None = None) -> Path:
 
     run = run or Run(cfg, run_dir)
     print(f"keel: run directory {run_dir}")
+    # A cluster too small for the plan stops the run here, before any actor starts (rl.loop.placement).
+    check_placement(cfg, cluster_nodes())
     if hasattr(run.task, "check_held_out"):
         run.task.check_held_out()  # an evaluation prompt in the training set stops the run before it starts
     init = run.warm_start(run.base_checkpoint())

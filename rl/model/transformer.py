@@ -93,6 +93,38 @@ def visible_indices(mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(~mask, -1).topk(k, dim=-1).values
 
 
+class Fp32Linear(nn.Linear):
+    """A bias-free linear layer computed in fp32 whatever the weight's dtype (the indexer's head weights)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
+class KVUpProjection(nn.Linear):
+    """kv_b_proj: the latent c_kv -> per head [k_nope | v], and its two absorbed uses, all in this forward
+    (ZeRO-3 gathers a sharded weight only for its own module's forward, so no other module reads it).
+
+    absorb None: the plain projection; "query": q_nope [.., H, nope] -> W_UK^T q_nope [.., H, kv_lora_rank];
+    "output": an output latent [.., H, kv_lora_rank] -> W_UV o [.., H, v].
+    """
+
+    def __init__(self, kv_lora_rank: int, n_heads: int, nope: int, v: int):
+        super().__init__(kv_lora_rank, n_heads * (nope + v), bias=False)
+        self.n_heads, self.nope, self.v = n_heads, nope, v
+
+    def per_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK [H, nope, kv_lora_rank], W_UV [H, v, kv_lora_rank]): the weight split per head."""
+        return self.weight.view(self.n_heads, self.nope + self.v, -1).split([self.nope, self.v], dim=1)
+
+    def forward(self, x: torch.Tensor, absorb: str | None = None) -> torch.Tensor:
+        if absorb is None:
+            return super().forward(x)
+        w_uk, w_uv = self.per_head()
+        if absorb == "query":
+            return torch.einsum("bthd,hdr->bthr", x, w_uk)
+        return torch.einsum("bthr,hvr->bthv", x, w_uv)
+
+
 class Indexer(nn.Module):
     """Lightning indexer: I[t, s] = sum_j w[t, j] * ReLU(q[t, j] . k[s]) over index_n_heads heads j.
 
@@ -107,7 +139,7 @@ class Indexer(nn.Module):
         self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
-        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+        self.weights_proj = Fp32Linear(config.hidden_size, self.n_heads, bias=False)
 
     def forward(
         self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -133,7 +165,7 @@ class Indexer(nn.Module):
         k = self.k_norm(self.wk(x))[:, :, None, :]
         k = torch.cat([apply_rope(k[..., : self.rope_dim], cos, sin, interleaved=False), k[..., self.rope_dim :]], -1)
         # Both scales fold into the head weights because ReLU(c * z) = c * ReLU(z) for c > 0.
-        w = F.linear(x.float(), self.weights_proj.weight.float())
+        w = self.weights_proj(x)
         return q, k[:, :, 0, :], w * (self.n_heads**-0.5 * self.head_dim**-0.5)
 
 
@@ -154,8 +186,7 @@ class MLA(nn.Module):
         self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
-        kv_b_out = self.n_heads * (self.qk_nope_head_dim + self.v_head_dim)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, kv_b_out, bias=False)
+        self.kv_b_proj = KVUpProjection(self.kv_lora_rank, self.n_heads, self.qk_nope_head_dim, self.v_head_dim)
         self.o_proj = nn.Linear(self.n_heads * self.v_head_dim, config.hidden_size, bias=False)
         self.indexer = Indexer(config) if with_indexer else None
 
@@ -179,9 +210,7 @@ class MLA(nn.Module):
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK [H, nope, kv_lora_rank], W_UV [H, v, kv_lora_rank]): kv_b_proj split per head."""
-        wkv_b = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-        w_uk, w_uv = wkv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        return w_uk, w_uv
+        return self.kv_b_proj.per_head()
 
     def forward(
         self,
@@ -205,7 +234,6 @@ class MLA(nn.Module):
         """
         seqlen = x.shape[1]
         q_latent, q_nope, q_rope, c_kv, k_rope = self.project(x, cos, sin)
-        w_uk, w_uv = self.absorbed_weights()
         # With no more tokens than index_topk, top-k keeps every earlier token: DSA is dense attention.
         select = sparse and seqlen > self.index_topk
         if not select:
@@ -215,7 +243,7 @@ class MLA(nn.Module):
         def absorbed() -> tuple[torch.Tensor, torch.Tensor]:
             # The MQA form: W_UK absorbed into the queries, q_nope . (W_UK c) = (W_UK^T q_nope) . c, so all
             # heads share one 576-wide latent key/value per token (what the sparse kernel and the indexer KL use).
-            q_abs = torch.cat([torch.einsum("bthd,hdr->bthr", q_nope, w_uk), q_rope], dim=-1)
+            q_abs = torch.cat([self.kv_b_proj(q_nope, absorb="query"), q_rope], dim=-1)
             return q_abs, torch.cat([c_kv, k_rope], dim=-1)
 
         indices, loss, agreement = None, None, None
@@ -238,9 +266,9 @@ class MLA(nn.Module):
 
         if indices is None:
             # Dense: the per-head form (keys nope+rope wide, not 576) through SDPA, the cheap way to train.
-            k_nope = torch.einsum("btr,hdr->bthd", c_kv, w_uk)
+            kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, -1))
+            k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
             k = torch.cat([k_nope, k_rope[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
-            v = torch.einsum("btr,hvr->bthv", c_kv, w_uv)
             q_full = torch.cat([q_nope, q_rope], dim=-1)
             # SDPA takes either is_causal or a mask; a packed row's mask already holds the causal part.
             attn_mask = None if mask is None else mask[:, None]
@@ -252,7 +280,7 @@ class MLA(nn.Module):
             # this attention) already stays inside the segment.
             q_abs, kv = absorbed()
             o_latent, _ = sparse_mla_attention(q_abs, kv, indices, self.softmax_scale, self.kv_lora_rank)
-            o = torch.einsum("bthr,hvr->bthv", o_latent, w_uv)
+            o = self.kv_b_proj(o_latent, absorb="output")
         return self.o_proj(o.flatten(2)), loss, agreement
 
 

@@ -1,0 +1,127 @@
+"""How the trainer's model is spread over its ranks by DeepSpeed ZeRO, and how whole weights come back out.
+
+ZeRO-1 shards the optimiser states over the data-parallel ranks, ZeRO-2 the gradients too, ZeRO-3 the
+parameters as well: a rank holds 1/N of each parameter and DeepSpeed gathers a whole one only for the forward
+(and backward) of the module that owns it. The model is written for that (rl.model.transformer reads every
+weight inside its own module's forward; rl.algo.logprobs calls the lm_head module). Two more things here:
+
+- MoE layers are ZeRO-3 *leaf* modules: one gather fetches the gate and every expert of a layer. Ranks route
+  their rows to different experts, and without grad an unrouted expert is skipped; gathers are collectives,
+  so per-expert gathers would differ between ranks and hang. As a leaf the layer's gathers are the same on
+  every rank whatever the routing.
+- The lightning indexer, when it trains with its own optimiser (trainer.indexer_optim: its own clip, outside
+  DeepSpeed's), is sharded like the rest; that optimiser keeps whole fp32 masters of it on every rank (it is
+  ~0.1% of DeepSeek-V3.2's parameters; docs/SCALING.md counts its bytes) and writes each step back through
+  DeepSpeed's GatheredParameters.
+
+`weight_buckets` streams the whole weights in HF names, gathered one bucket at a time under ZeRO-3 (every rank
+must iterate it: a gather is a collective); `state_bytes` counts what a rank holds (bench/trainer_memory.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from rl.model.transformer import MoE, Transformer
+
+
+def deepspeed_config(zero_stage: int, micro_batch: int, world_size: int, grad_clip: float, bf16: bool) -> dict:
+    """The engine's config. Under ZeRO-3 every parameter is sharded (no size below which DeepSpeed keeps one
+    whole on every rank: what a rank holds is then exactly 1/N of each, which the tests and the bench check)."""
+    zero: dict = {"stage": zero_stage}
+    if zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch * world_size,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 1 << 30,
+    }
+
+
+def initialize(model: Transformer, optimizer: torch.optim.Optimizer, config: dict):
+    """deepspeed.initialize -> (engine, optimizer); under ZeRO-3 MoE layers are leaf modules (module docstring)."""
+    import deepspeed
+
+    if config["zero_optimization"]["stage"] == 3:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, [MoE])
+    engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine, opt
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    """Whether `p` is a ZeRO-3 parameter (DeepSpeed marks those with a ds_id)."""
+    return hasattr(p, "ds_id")
+
+
+def full_numel(p: torch.Tensor) -> int:
+    return p.ds_numel if is_sharded(p) else p.numel()
+
+
+def weight_buckets(model: nn.Module, bucket_bytes: int, keep: bool) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """The model's whole state (HF names, state_dict order) in buckets of at most `bucket_bytes` (fp32; a bigger
+    tensor is a bucket of its own), as fp32 CPU copies where `keep` (rank 0), empty lists elsewhere. Sharded
+    parameters are gathered one bucket at a time, so a rank never holds more than one bucket beyond its shard.
+    Every rank must run the iteration to its end together (each gather is a collective)."""
+    import deepspeed
+
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    names = [n for n in model.state_dict(keep_vars=True) if n in tensors]
+    bucket, size = [], 0
+    for i, name in enumerate(names):
+        bucket.append(name)
+        size += 4 * full_numel(tensors[name])
+        nxt = names[i + 1] if i + 1 < len(names) else None
+        if nxt is not None and size + 4 * full_numel(tensors[nxt]) <= bucket_bytes:
+            continue
+        sharded = [tensors[n] for n in bucket if is_sharded(tensors[n])]
+        with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None, enabled=bool(sharded)):
+            out = [(n, tensors[n].detach().to("cpu", torch.float32).clone()) for n in bucket] if keep else []
+        yield out
+        bucket, size = [], 0
+
+
+def gathered_state(model: nn.Module, keep: bool, bucket_bytes: int = 256 << 20) -> dict[str, torch.Tensor] | None:
+    """The whole state as one {name: fp32 CPU tensor} on the rank that `keep`s it (None elsewhere); every rank
+    must call it together under ZeRO-3."""
+    state = {n: t for bucket in weight_buckets(model, bucket_bytes, keep) for n, t in bucket}
+    return state if keep else None
+
+
+def state_bytes(engine, model: nn.Module) -> dict[str, int]:
+    """Bytes this rank holds for the parameters, their gradients and the optimiser states (after a step).
+
+    parameters: the local storage of every parameter (a ZeRO-3 shard, or the whole tensor); gradients: the
+    engine's gradient buffers (ZeRO-2/3: this rank's partition; ZeRO-0/1: whole); optimiser: every tensor in the
+    optimiser's state plus its fp32 master copies where it keeps them apart from the parameters."""
+    params = sum((p.ds_tensor if is_sharded(p) else p).numel() * p.element_size() for p in model.parameters())
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)  # DeepSpeed's ZeRO optimisers wrap the torch one
+    moments = sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values()
+                  if torch.is_tensor(t) and t.dim() > 0)
+    masters = 0
+    own = {id(p) for p in model.parameters()}
+    for group in inner.param_groups:
+        masters += sum(p.numel() * p.element_size() for p in group["params"] if id(p) not in own)
+    grads = _grad_bytes(opt, model)
+    return {"parameters": params, "gradients": grads, "optimizer": moments + masters}
+
+
+def _grad_bytes(opt, model: nn.Module) -> int:
+    """Bytes of gradient storage after a step: ZeRO-2's and ZeRO-3's own partitioned buffers, else p.grad."""
+    for attr in ("averaged_gradients", "grad_partitions_flat_buffer"):
+        held = getattr(opt, attr, None)
+        if isinstance(held, torch.Tensor):
+            return held.numel() * held.element_size()
+        if isinstance(held, dict) and held:
+            return sum(t.numel() * t.element_size() for ts in held.values() for t in ts if torch.is_tensor(t))
+    return sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
