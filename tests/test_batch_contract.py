@@ -21,6 +21,8 @@ class WorkerLike:
     """Answers like a RolloutWorker (same `generate` signature, rows built on the worker's schema): the first turn
     of an episode looks its name up, a turn that sees a tool result answers; routing covers every fed token."""
 
+    version = 0  # the weight version it serves (RolloutClient.version)
+
     def __init__(self, text=None):
         self.text = text or (lambda prompt: "ok>answer: 42|" if "t:" in prompt else "look><look(key=abc)>|")
 

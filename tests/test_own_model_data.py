@@ -184,6 +184,8 @@ def test_prompt_task_hands_the_engine_the_ids_it_trains_on(model_dir, data_files
         task, seen = run.task, []
 
         class Client:
+            version = 0  # the weight version the engines hold
+
             def generate(self, prompts, sampling, policy_version, seen=seen):
                 seen.extend(prompts)
                 return make_rollout_batch([

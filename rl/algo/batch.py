@@ -42,7 +42,7 @@ tests/test_rollout.py run it on each producer's output; docs/BATCH.md has the lo
                                             turns, loss_mask, reward and reward_reason (the environment's
                                             verifier), turns, tool_calls, segments
   rl/loop/tasks.py PromptTask.rollout       reward, reward_reason (the `rewards` package)
-  rl/loop/driver.py rl_step                 advantage (rl.algo.grpo.group_advantages); its parquet dump adds
+  rl/loop/step.py learn                     advantage (rl.algo.grpo.group_advantages); its parquet dump adds
                                             response_text (string, the decoded response), not part of the batch
 
 Schema metadata carries `moe_layers` and `top_k` so routing reshapes to [tokens, moe_layers, top_k], and

@@ -119,7 +119,7 @@ class AgentTask:
         """G episodes per chosen training environment (G = sampling["n"]), rewarded by its verifier; the
         verifiers run inside the episodes, so no separate reward time is reported."""
         specs = [self.train_specs[i] for i in indices]
-        batch, metrics = self.play(client, specs, sampling["n"], sampling, self.agent.context_strategy, step)
+        batch, metrics = self.play(client, specs, sampling["n"], sampling, self.agent.context_strategy, client.version)
         texts = [self.tokenizer.decode(ids) for ids in batch.column("response_ids").to_pylist()]
         return batch, metrics, texts
 

@@ -16,29 +16,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import sys
-import threading
-import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
-import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from rewards.sandbox import ALLOW_WEAK_ENV
-from rl.algo.batch import with_columns
 from rl.algo.config import GRPOConfig
-from rl.algo.grpo import group_advantages
-from rl.loop.config import RolloutConfig, as_dataclass
+from rl.loop.config import as_dataclass
 from rl.loop.data import sample_indices
 from rl.loop.metrics import MetricsLogger
-from rl.loop.placement import check_placement, cluster_nodes
+from rl.loop.pipeline import LaggedRollouts
 from rl.loop.run_dir import commit_checkpoint, create_run_dir, latest_checkpoint, prune_checkpoints, resume_run_dir
+from rl.loop.step import async_step, collect, rl_step
 from rl.loop.tasks import Task, make_task
 from rl.model.checkpoint import (
     CheckpointError,
@@ -76,24 +68,10 @@ def ray_session(address: str, cpus_needed: int):
         # Logical CPUs: actors hold theirs for the whole run, reward tasks need a few more to schedule.
         ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False,
                  log_to_driver=os.environ.get("KEEL_RAY_LOGS", "0") == "1")
-    # After ray.init, whose own SIGTERM handler exits without a word.
-    main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         yield
     finally:
         ray.shutdown()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def _interrupt(signum: int, frame) -> None:
-    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop): unwind the run as a KeyboardInterrupt naming the signal, so
-    the actors and Ray are stopped on the way out. Repeats are ignored: a second Ctrl-C would cut that short and
-    leave Ray's processes behind."""
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 class Run:
@@ -237,14 +215,8 @@ def train(cfg: DictConfig, resume: str | None = None) -> Path:
         os.environ[ALLOW_WEAK_ENV] = "1"
     cpus = int(cfg.trainer.num_ranks * cfg.trainer.cpus_per_rank + cfg.rollout.num_workers + 2)
     run = Run(cfg, run_dir)  # the tokenizer, the data and the prompt format are checked before Ray starts
-    try:
-        with ray_session(cfg.run.ray_address, cpus):
-            return _train(cfg, run_dir, run)
-    except BaseException as err:
-        what = f"interrupted ({err})" if isinstance(err, KeyboardInterrupt) else f"stopped by {type(err).__name__}"
-        print(f"keel: {what}; last checkpoint: {latest_run_checkpoint(run_dir) or 'none yet'}; continue with: "
-              f"keel train --resume {run_dir}", file=sys.stderr, flush=True)
-        raise
+    with ray_session(cfg.run.ray_address, cpus):
+        return _train(cfg, run_dir, run)
 
 
 def _train(cfg: DictConfig, run_dir: Path, run: Run | None = None) -> Path:
@@ -252,8 +224,6 @@ def _train(cfg: DictConfig, run_dir: Path, run: Run | None = None) -> Path:
 
     run = run or Run(cfg, run_dir)
     print(f"keel: run directory {run_dir}")
-    # A cluster too small for the plan stops the run here, before any actor starts (rl.loop.placement).
-    check_placement(cfg, cluster_nodes())
     if hasattr(run.task, "check_held_out"):
         run.task.check_held_out()  # an evaluation prompt in the training set stops the run before it starts
     init = run.warm_start(run.base_checkpoint())
@@ -265,10 +235,10 @@ def _train(cfg: DictConfig, run_dir: Path, run: Run | None = None) -> Path:
     logger = MetricsLogger(run_dir, cfg.run.wandb_mode, cfg.run.wandb_project, run_dir.name,
                            OmegaConf.to_container(cfg), resume_step=state["step"] if ckpt else -1)
     trainer = run.trainer_group(policy, init, cfg.grpo.lr)
-    r = as_dataclass(RolloutConfig, cfg.rollout)  # a run from before a key existed gets its default
-    client = RolloutClient(str(policy), r.num_workers, run.engine_config(), max_restarts=r.max_restarts,
-                           timeout_s=r.timeout_s, timeout_per_token_s=r.timeout_per_token_s)
-    stop_s = 60.0  # how long the actors get to shut down on their own
+    client = RolloutClient(str(policy), cfg.rollout.num_workers, run.engine_config())
+    client.version = state["step"]  # the engines serve this step's checkpoint
+    max_staleness = cfg.rollout.get("max_staleness", 0)  # a run from before the key existed: synchronous
+    rollouts = None
     try:
         if ckpt:
             trainer.load_optimizer(str(ckpt))
@@ -277,13 +247,21 @@ def _train(cfg: DictConfig, run_dir: Path, run: Run | None = None) -> Path:
             before = run.evaluate(client)
             state["eval_before"], state["eval_before_metrics"] = before["eval/accuracy"], before
             logger.log(0, before)
+        if max_staleness:  # asynchronous: batches sampled ahead by older weights (rl/loop/pipeline.py)
+            if client.cuda:
+                raise NotImplementedError("rollout.max_staleness > 0 with CUDA engines: loading a weight version "
+                                          "over NCCL while the trainer steps is not written yet (CPU engines only)")
+            rollouts = LaggedRollouts(state["step"], cfg.run.steps, max_staleness,
+                                      lambda t: collect(run, client, t), client.load_weights)
         bar = tqdm(range(state["step"], cfg.run.steps), desc="grpo", unit="step", initial=state["step"],
                    total=cfg.run.steps)
         for step in bar:
-            metrics = rl_step(run, trainer, client, step)
+            metrics = async_step(run, trainer, client, rollouts, step) if rollouts else rl_step(run, trainer, client,
+                                                                                                  step)
             state["step"] = step + 1
             if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < cfg.run.steps:
-                metrics.update(run.evaluate(client))
+                with rollouts.paused() if rollouts else nullcontext():
+                    metrics.update(run.evaluate(client))
             logger.log(step + 1, metrics)
             if metrics.get("skipped_minibatches"):
                 tqdm.write(f"keel: step {step + 1}: skipped {metrics['skipped_minibatches']:.0f} mini-batch(es) "
@@ -291,7 +269,8 @@ def _train(cfg: DictConfig, run_dir: Path, run: Run | None = None) -> Path:
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl', 0):.4f}")
             if (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == cfg.run.steps:
                 save_run_checkpoint(run_dir, trainer, state, str(init), cfg.run.keep_checkpoints)
-        after = run.evaluate(client)
+        with rollouts.paused() if rollouts else nullcontext():
+            after = run.evaluate(client)
         state["eval_after"], state["eval_after_metrics"] = after["eval/accuracy"], after
         logger.log(cfg.run.steps, after)
         (run_dir / "summary.json").write_text(json.dumps(state, indent=1))
@@ -303,91 +282,13 @@ def _train(cfg: DictConfig, run_dir: Path, run: Run | None = None) -> Path:
             f"keel: metrics {run_dir / 'metrics.jsonl'}, rollouts {run_dir / 'rollouts'}, "
             f"checkpoints {run_dir / 'checkpoints'}"
         )
-    except BaseException:
-        stop_s = 5.0  # failed or interrupted: an actor may be stuck mid-call; it is killed
-        raise
     finally:
+        if rollouts:
+            rollouts.close()
         logger.close()
-        client.shutdown(timeout_s=stop_s)
-        trainer.shutdown(timeout_s=stop_s)
+        client.shutdown()
+        trainer.shutdown()
     return run_dir
-
-
-def rl_step(run: Run, trainer, client, step: int) -> dict[str, float]:
-    cfg = run.cfg
-    times = {}
-    t = start = time.perf_counter()
-    idx = sample_indices(run.task.num_train, cfg.rollout.prompts_per_step, cfg.run.seed, step)
-    # Scoring happens inside: reward functions for prompts, the environment's verifier for agent episodes.
-    batch, rollout_metrics, texts = run.task.rollout(client, idx, run.sampling(step + 1), step)
-    times["time/reward"] = rollout_metrics.pop("time/reward", 0.0)  # agents: verifiers run inside the episodes
-    times["time/rollout"] = time.perf_counter() - t - times["time/reward"]
-
-    rewards = batch.column("reward").to_pylist()
-    reasons = batch.column("reward_reason").to_pylist()
-    rewards_t = torch.tensor(rewards)
-    advantages = group_advantages(rewards_t, cfg.rollout.group_size, normalize_std=cfg.grpo.normalize_std)
-    batch = with_columns(batch, advantage=advantages.tolist())
-
-    t = time.perf_counter()
-    if client.sleeps:  # CUDA, engines colocated with the trainer: free their GPU memory while it steps
-        client.sleep()
-    metrics = trainer.grpo_step(batch)
-    times["time/train"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    if client.sleeps:
-        client.wake_up(["weights"])  # the KV cache comes back after the sync, so it is not held during it
-    sync_weights(trainer, client, version=step + 1)
-    if client.sleeps:
-        client.wake_up(["kv_cache"])
-    times["time/sync"] = time.perf_counter() - t
-
-    if cfg.run.dump_rollouts:
-        t = time.perf_counter()
-        dump = pa.Table.from_batches([batch]).append_column("response_text", pa.array(texts))
-        (run.dir / "rollouts").mkdir(exist_ok=True)
-        pq.write_table(dump, run.dir / "rollouts" / f"step_{step + 1:06d}.parquet")
-        times["time/dump"] = time.perf_counter() - t
-
-    # Generated tokens only: an agent episode's response also holds tool results (loss mask 0).
-    masks = batch.column("loss_mask").to_pylist()
-    lengths = [len(r) if m is None else sum(m) for r, m in zip(batch.column("response_ids").to_pylist(), masks,
-                                                                strict=True)]
-    metrics.update(times)
-    metrics.update(rollout_metrics)
-    metrics.update(
-        {
-            "reward/mean": float(rewards_t.mean()),
-            "reward/std": float(rewards_t.std()) if len(rewards) > 1 else 0.0,
-            "accuracy": float((rewards_t >= run.task.full_reward - 1e-6).float().mean()),
-            "response_length": sum(lengths) / len(lengths),
-            "reward_failures": float(sum(bool(r) for r in reasons)),
-            "tokens_per_s": sum(lengths) / max(times["time/rollout"], 1e-9),
-            # Wall time of the whole step: the phases above plus the driver's own work between them.
-            "time/step": time.perf_counter() - start,
-        }
-    )
-    return metrics
-
-
-def sync_weights(trainer, client, version: int) -> None:
-    """The rollout workers get the trainer's current weights as `version`; only rank 0 moves them.
-
-    CPU: rank 0 publishes them the way the client's workers can reach them from rank 0's node, and the workers
-    load them; only the handle (a path, shapes, an object-store ref) passes through here. CUDA: rank 0 broadcasts
-    them over NCCL through vLLM's weight-transfer engine (joining the group with the workers on the first sync);
-    nothing but the call passes through here (written against vLLM 0.32; not yet run on a GPU)."""
-    if client.cuda:
-        if not trainer.weight_sync_open:
-            engine = client.engine
-            trainer.open_weight_sync(client.weight_sync_client(), client.weight_sync_world_size(), engine.dtype,
-                                     engine.weight_bucket_mb)
-        trainer.send_weights(version)
-        client.weights_synced(version)
-        return
-    file, blob = client.transport_plan(trainer.publisher_node)
-    client.load_weights(trainer.publish_weights(version, file=file, blob=blob))
 
 
 def save_run_checkpoint(run_dir: Path, trainer, state: dict, tokenizer_dir: str, keep: int) -> None:

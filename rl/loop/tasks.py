@@ -166,7 +166,7 @@ class PromptTask:
 
     def rollout(self, client: Any, indices: list[int], sampling: dict,
                 step: int) -> tuple[pa.RecordBatch, dict[str, float], list[str]]:
-        batch = client.generate([self.train_prompts[i] for i in indices], sampling, policy_version=step)
+        batch = client.generate([self.train_prompts[i] for i in indices], sampling, policy_version=client.version)
         t = time.perf_counter()
         sample_rows = self.train_set.take(indices).to_pylist()
         rows = [sample_rows[i] for i in batch.column("prompt_index").to_pylist()]

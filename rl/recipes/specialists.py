@@ -36,7 +36,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from rl.loop.config import ConfigError
-from rl.loop.data import load_dataset
+from rl.loop.data import is_dataset_file, load_dataset
+from rl.loop.held_out import held_out_split
 from rl.loop.run_dir import create_run_dir, resume_run_dir, write_atomic
 from rl.recipes.specialists_config import (
     base_config,
@@ -141,12 +142,17 @@ def print_table(title: str, table: dict, extra: dict[str, dict[str, str]] | None
 
 
 def write_mixture(recipe: DictConfig, domains: dict[str, DictConfig], path: Path) -> Path:
-    """The base SFT data: base.rows_per_domain training rows of each mixture domain, as prompt/answer/domain."""
+    """The base SFT data: base.rows_per_domain training rows of each mixture domain, as prompt/answer/domain.
+
+    Drawn from the domain's training split, the one its specialist trains on: the base never sees a held-out
+    prompt, so every model of the table is evaluated on prompts it has not trained on."""
     tables = []
     for name in recipe.base.mixture:
         d = domains[name].data
-        t = load_dataset(d.task, recipe.base.rows_per_domain, d.seed, d.max_operand).slice(
-            0, recipe.base.rows_per_domain)
+        t, _ = held_out_split(d.task, d.eval_task, recipe.base.rows_per_domain, d.eval_size, d.seed, d.eval_seed,
+                              lambda task, n, seed, d=d: load_dataset(task, n, seed, d.max_operand),
+                              generated=lambda task: not is_dataset_file(task))
+        t = t.slice(0, recipe.base.rows_per_domain)
         tables.append(pa.table({"prompt": t.column("prompt"), "answer": t.column("answer").cast(pa.string()),
                                 "domain": [name] * t.num_rows}))
     path.parent.mkdir(parents=True, exist_ok=True)

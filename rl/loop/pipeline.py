@@ -1,0 +1,156 @@
+"""Asynchronous RL (`rollout.max_staleness` N > 0): the next batches are sampled while the trainer updates.
+
+A producer thread samples step t's batch with the weights of version
+
+    v(t) = max(first, t - N)                       (behaviour_version; first = the step the run (re)started at)
+
+while the main thread trains on an earlier batch. The lag is a function of the step, never of timing, so an
+asynchronous run samples the same batches with the same weights every time (on CPU, bit for bit), and no trained
+sample is more than N versions old: batch t is trained by version t of the trainer, so its staleness is t - v(t)
+<= N. With N = 0 keel does not use this module (the synchronous loop of rl/loop/driver.py).
+
+Protocol, one lock:
+  producer, step t   wait until version v(t) is published; load it into the engines if they hold another (the
+                     engines' actor queue runs it after the requests before it: in-flight requests finish on the
+                     weights they started with); sample and score; hand the batch over.
+  trainer, step s    take batch s; update (version s + 1); publish version s + 1, once the producer has loaded
+                     the weights of batch s + N, the last batch that reads version s (publishing releases the
+                     previous version's file).
+  evaluation         pause the producer between batches, bring the engines to the newest version, evaluate;
+                     the producer reloads its own version when it goes on.
+The producer owns the rollout client except while paused, so the client is never used by two threads at once.
+
+Interrupted or resumed runs drop the batches in flight: a checkpoint holds the trainer at step s, and the resumed
+run starts the producer at first = s with the checkpoint's weights (so its first N batches are fresher than an
+uninterrupted run's; no step is repeated or lost).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+STALE_POLICIES = ("drop", "keep")
+
+
+def behaviour_version(step: int, first: int, max_staleness: int) -> int:
+    """The weight version that samples step `step`'s batch: v(t) = max(first, t - N)."""
+    return max(first, step - max_staleness)
+
+
+def stale_rows(policy_versions: list[int], trainer_version: int, max_staleness: int) -> list[bool]:
+    """Which rows are staler than the bound: trainer_version - policy_version > N (a row from a newer version than
+    the trainer's cannot exist, and is an error)."""
+    newer = [v for v in policy_versions if v > trainer_version]
+    if newer:
+        raise ValueError(f"rows sampled by version {max(newer)} reached the trainer at version {trainer_version}")
+    return [trainer_version - v > max_staleness for v in policy_versions]
+
+
+class LaggedRollouts:
+    """The producer thread of the protocol above. `sample(step)` makes step's batch (in the producer thread, with
+    the engines holding version v(step)); `load(handle)` brings the engines to a published version's weights."""
+
+    def __init__(self, first: int, steps: int, max_staleness: int, sample: Callable[[int], Any],
+                 load: Callable[[Any], None]):
+        if max_staleness < 1:
+            raise ValueError(f"rollout.max_staleness={max_staleness}: the lagged pipeline needs >= 1 (0 is the "
+                             "synchronous loop)")
+        self.first, self.steps, self.n = first, steps, max_staleness
+        self.sample, self.load = sample, load
+        self.cond = threading.Condition()
+        self.handles: dict[int, Any] = {first: None}  # published versions; `first` is in the engines already
+        self.newest = first  # newest published version
+        self.engine_version = first
+        self.loaded_for = first - 1  # the last step whose weights the producer has loaded
+        self.ready: dict[int, Any] = {}
+        self.busy = self.held = self.stopping = False
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._produce, name="keel-rollouts", daemon=True)
+        self.thread.start()
+
+    # ---- producer ----------------------------------------------------------------------------------
+
+    def _produce(self) -> None:
+        try:
+            for t in range(self.first, self.steps):
+                v = behaviour_version(t, self.first, self.n)
+                with self.cond:
+                    self.cond.wait_for(lambda v=v: self.stopping or (not self.held and v <= self.newest))
+                    if self.stopping:
+                        return
+                    self.busy = True
+                    handle = self.handles.get(v)
+                try:
+                    if self.engine_version != v:
+                        if handle is None:
+                            raise RuntimeError(f"weight version {v} (step {t}'s) was released before it was loaded")
+                        self.load(handle)
+                        self.engine_version = v
+                    with self.cond:
+                        self.loaded_for = t
+                        self.cond.notify_all()
+                    batch = self.sample(t)
+                finally:
+                    with self.cond:
+                        self.busy = False
+                        self.cond.notify_all()
+                with self.cond:
+                    self.ready[t] = batch
+                    self.cond.notify_all()
+        except BaseException as err:  # noqa: BLE001 - handed to the trainer thread, which raises it
+            with self.cond:
+                self.error = err
+                self.cond.notify_all()
+
+    # ---- trainer side ------------------------------------------------------------------------------
+
+    def _wait(self, ready: Callable[[], bool]) -> None:
+        """Wait for `ready` under the lock; raise the producer's error if it failed (polls so Ctrl-C gets through)."""
+        while not self.cond.wait_for(lambda: ready() or self.error is not None, timeout=0.5):
+            pass
+        if self.error is not None and not ready():
+            raise self.error
+
+    def take(self, step: int) -> Any:
+        """Step `step`'s batch, once the producer has made it."""
+        with self.cond:
+            self._wait(lambda: step in self.ready)
+            return self.ready.pop(step)
+
+    def publish(self, version: int, make_handle: Callable[[], Any]) -> None:
+        """Publish the trainer's weights as `version` (= the step just trained + 1): `make_handle()` writes them.
+        Waits until no batch still to start reads version - 1, whose file this releases."""
+        last_reader = version - 1 + self.n  # the last step v(t) = version - 1 maps to
+        with self.cond:
+            self._wait(lambda: self.loaded_for >= min(last_reader, self.steps - 1))
+        handle = make_handle()
+        with self.cond:
+            self.handles = {version: handle}
+            self.newest = version
+            self.cond.notify_all()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """The producer parked between batches, and the engines at the newest published version."""
+        with self.cond:
+            self.held = True
+            self._wait(lambda: not self.busy)
+        try:
+            if self.engine_version != self.newest:
+                self.load(self.handles[self.newest])
+                self.engine_version = self.newest
+            yield
+        finally:
+            with self.cond:
+                self.held = False
+                self.cond.notify_all()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the producer after its current batch (one stuck in a call is left to the client's shutdown)."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        self.thread.join(timeout_s)
