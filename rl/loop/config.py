@@ -87,6 +87,12 @@ class RolloutConfig:
     max_tokens: int = 8
     logprobs_candidates: int = 0  # 0: enough for the kept set (top_k, or the vocab when top_p < 1)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # Faults (rollout/liveness.py): a worker whose process or engine dies, or whose call outlives its deadline
+    # (timeout_s + timeout_per_token_s * max_tokens per max_num_seqs requests), is restarted at the current
+    # weights and its share re-issued; past max_restarts failures of one worker the run stops, naming it.
+    max_restarts: int = 3
+    timeout_s: float = 300.0
+    timeout_per_token_s: float = 0.5
     # Asynchronous RL (rl/loop/pipeline.py): step t's batch is sampled by the weights of version max(first, t - N)
     # while the trainer updates, N = max_staleness; 0 is the synchronous loop. Rows older than N versions (none
     # by construction; a guard) are dropped or kept by stale_policy.
@@ -225,6 +231,11 @@ def _problems(cfg: DictConfig) -> list[str]:
         problems.append(f"data.sft_off_by_one={cfg.data.sft_off_by_one} must be in [0, 1]")
     if cfg.data.sft_off_by_one and cfg.data.response_key:
         problems.append("data.sft_off_by_one writes the warm start's responses itself: leave data.response_key empty")
+    if cfg.rollout.max_restarts < 0:
+        problems.append(f"rollout.max_restarts={cfg.rollout.max_restarts} must be >= 0")
+    if cfg.rollout.timeout_s <= 0 or cfg.rollout.timeout_per_token_s < 0:
+        problems.append(f"rollout.timeout_s={cfg.rollout.timeout_s} must be > 0 and rollout.timeout_per_token_s="
+                        f"{cfg.rollout.timeout_per_token_s} >= 0")
     problems += _async_problems(cfg)
     if not 0 < cfg.rollout.top_p <= 1:
         problems.append(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
@@ -233,12 +244,13 @@ def _problems(cfg: DictConfig) -> list[str]:
     batch = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     if batch % cfg.trainer.num_ranks:
         problems.append(f"prompts_per_step * group_size = {batch} is not divisible by trainer.num_ranks")
-    if cfg.trainer.zero_stage == 3:
-        # The absorbed MLA (W_UK/W_UV), the indexer head weights and the chunked log-probs (lm_head) read
-        # weights outside their own modules' forward, which ZeRO-3's partitioned parameters do not allow yet.
-        problems.append("trainer.zero_stage=3 is not supported yet; use 1 or 2 (optimizer/gradient sharding)")
-    elif cfg.trainer.zero_stage not in (0, 1, 2):
-        problems.append(f"trainer.zero_stage={cfg.trainer.zero_stage} must be 0, 1 or 2")
+    if cfg.trainer.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"trainer.zero_stage={cfg.trainer.zero_stage} must be 0, 1, 2 or 3")
+    elif cfg.trainer.zero_stage == 3 and cfg.trainer.gpus_per_rank:
+        # CUDA weight sync broadcasts from rank 0 over NCCL; under ZeRO-3 every rank would have to gather each
+        # bucket with it, which trainer.worker does not do yet (the CPU transports gather per bucket).
+        problems.append("trainer.zero_stage=3 with GPU ranks: NCCL weight sync under ZeRO-3 is not written yet; "
+                        "use zero_stage 1 or 2 on GPUs")
     if not cfg.rewards:
         problems.append("rewards: name at least one reward")
     problems += _data_problems(cfg)

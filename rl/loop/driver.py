@@ -16,6 +16,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -25,10 +28,11 @@ from tqdm import tqdm
 
 from rewards.sandbox import ALLOW_WEAK_ENV
 from rl.algo.config import GRPOConfig
-from rl.loop.config import as_dataclass
+from rl.loop.config import RolloutConfig, as_dataclass
 from rl.loop.data import sample_indices
 from rl.loop.metrics import MetricsLogger
 from rl.loop.pipeline import LaggedRollouts
+from rl.loop.placement import check_placement, cluster_nodes
 from rl.loop.run_dir import commit_checkpoint, create_run_dir, latest_checkpoint, prune_checkpoints, resume_run_dir
 from rl.loop.step import async_step, collect, rl_step
 from rl.loop.tasks import Task, make_task
@@ -68,10 +72,24 @@ def ray_session(address: str, cpus_needed: int):
         # Logical CPUs: actors hold theirs for the whole run, reward tasks need a few more to schedule.
         ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False,
                  log_to_driver=os.environ.get("KEEL_RAY_LOGS", "0") == "1")
+    # After ray.init, whose own SIGTERM handler exits without a word.
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         yield
     finally:
         ray.shutdown()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _interrupt(signum: int, frame) -> None:
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop): unwind the run as a KeyboardInterrupt naming the signal, so
+    the actors and Ray are stopped on the way out. Repeats are ignored: a second Ctrl-C would cut that short and
+    leave Ray's processes behind."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 class Run:
@@ -215,8 +233,14 @@ def train(cfg: DictConfig, resume: str | None = None) -> Path:
         os.environ[ALLOW_WEAK_ENV] = "1"
     cpus = int(cfg.trainer.num_ranks * cfg.trainer.cpus_per_rank + cfg.rollout.num_workers + 2)
     run = Run(cfg, run_dir)  # the tokenizer, the data and the prompt format are checked before Ray starts
-    with ray_session(cfg.run.ray_address, cpus):
-        return _train(cfg, run_dir, run)
+    try:
+        with ray_session(cfg.run.ray_address, cpus):
+            return _train(cfg, run_dir, run)
+    except BaseException as err:
+        what = f"interrupted ({err})" if isinstance(err, KeyboardInterrupt) else f"stopped by {type(err).__name__}"
+        print(f"keel: {what}; last checkpoint: {latest_run_checkpoint(run_dir) or 'none yet'}; continue with: "
+              f"keel train --resume {run_dir}", file=sys.stderr, flush=True)
+        raise
 
 
 def _train(cfg: DictConfig, run_dir: Path, run: Run | None = None) -> Path:
@@ -224,6 +248,8 @@ def _train(cfg: DictConfig, run_dir: Path, run: Run | None = None) -> Path:
 
     run = run or Run(cfg, run_dir)
     print(f"keel: run directory {run_dir}")
+    # A cluster too small for the plan stops the run here, before any actor starts (rl.loop.placement).
+    check_placement(cfg, cluster_nodes())
     if hasattr(run.task, "check_held_out"):
         run.task.check_held_out()  # an evaluation prompt in the training set stops the run before it starts
     init = run.warm_start(run.base_checkpoint())
@@ -235,9 +261,11 @@ def _train(cfg: DictConfig, run_dir: Path, run: Run | None = None) -> Path:
     logger = MetricsLogger(run_dir, cfg.run.wandb_mode, cfg.run.wandb_project, run_dir.name,
                            OmegaConf.to_container(cfg), resume_step=state["step"] if ckpt else -1)
     trainer = run.trainer_group(policy, init, cfg.grpo.lr)
-    client = RolloutClient(str(policy), cfg.rollout.num_workers, run.engine_config())
+    r = as_dataclass(RolloutConfig, cfg.rollout)  # a run from before a key existed gets its default
+    client = RolloutClient(str(policy), r.num_workers, run.engine_config(), max_restarts=r.max_restarts,
+                           timeout_s=r.timeout_s, timeout_per_token_s=r.timeout_per_token_s)
     client.version = state["step"]  # the engines serve this step's checkpoint
-    max_staleness = cfg.rollout.get("max_staleness", 0)  # a run from before the key existed: synchronous
+    stop_s = 60.0  # how long the actors get to shut down on their own
     rollouts = None
     try:
         if ckpt:
@@ -247,11 +275,11 @@ def _train(cfg: DictConfig, run_dir: Path, run: Run | None = None) -> Path:
             before = run.evaluate(client)
             state["eval_before"], state["eval_before_metrics"] = before["eval/accuracy"], before
             logger.log(0, before)
-        if max_staleness:  # asynchronous: batches sampled ahead by older weights (rl/loop/pipeline.py)
+        if r.max_staleness:  # asynchronous: batches sampled ahead by older weights (rl/loop/pipeline.py)
             if client.cuda:
                 raise NotImplementedError("rollout.max_staleness > 0 with CUDA engines: loading a weight version "
                                           "over NCCL while the trainer steps is not written yet (CPU engines only)")
-            rollouts = LaggedRollouts(state["step"], cfg.run.steps, max_staleness,
+            rollouts = LaggedRollouts(state["step"], cfg.run.steps, r.max_staleness,
                                       lambda t: collect(run, client, t), client.load_weights)
         bar = tqdm(range(state["step"], cfg.run.steps), desc="grpo", unit="step", initial=state["step"],
                    total=cfg.run.steps)
@@ -282,12 +310,15 @@ def _train(cfg: DictConfig, run_dir: Path, run: Run | None = None) -> Path:
             f"keel: metrics {run_dir / 'metrics.jsonl'}, rollouts {run_dir / 'rollouts'}, "
             f"checkpoints {run_dir / 'checkpoints'}"
         )
+    except BaseException:
+        stop_s = 5.0  # failed or interrupted: an actor may be stuck mid-call; it is killed
+        raise
     finally:
         if rollouts:
             rollouts.close()
         logger.close()
-        client.shutdown()
-        trainer.shutdown()
+        client.shutdown(timeout_s=stop_s)
+        trainer.shutdown(timeout_s=stop_s)
     return run_dir
 
 
