@@ -13,9 +13,10 @@ Protocol, one lock:
   producer, step t   wait until version v(t) is published; load it into the engines if they hold another (the
                      engines' actor queue runs it after the requests before it: in-flight requests finish on the
                      weights they started with); sample and score; hand the batch over.
-  trainer, step s    take batch s; update (version s + 1); publish version s + 1, once the producer has loaded
-                     the weights of batch s + N, the last batch that reads version s (publishing releases the
-                     previous version's file).
+  trainer, step s    take batch s; update (version s + 1); publish version s + 1 once the producer has finished
+                     batch s + N, the last batch sampled by version s: publishing releases the previous version's
+                     file, which a worker restarted mid-batch (rollout/client.py) reloads. The producer cannot
+                     start batch s + N + 1 before version s + 1 exists anyway, so the wait costs no overlap.
   evaluation         pause the producer between batches, bring the engines to the newest version, evaluate;
                      the producer reloads its own version when it goes on.
 The producer owns the rollout client except while paused, so the client is never used by two threads at once.
@@ -64,7 +65,7 @@ class LaggedRollouts:
         self.handles: dict[int, Any] = {first: None}  # published versions; `first` is in the engines already
         self.newest = first  # newest published version
         self.engine_version = first
-        self.loaded_for = first - 1  # the last step whose weights the producer has loaded
+        self.finished = first - 1  # the last step the producer has sampled
         self.ready: dict[int, Any] = {}
         self.busy = self.held = self.stopping = False
         self.error: BaseException | None = None
@@ -89,9 +90,6 @@ class LaggedRollouts:
                             raise RuntimeError(f"weight version {v} (step {t}'s) was released before it was loaded")
                         self.load(handle)
                         self.engine_version = v
-                    with self.cond:
-                        self.loaded_for = t
-                        self.cond.notify_all()
                     batch = self.sample(t)
                 finally:
                     with self.cond:
@@ -99,6 +97,7 @@ class LaggedRollouts:
                         self.cond.notify_all()
                 with self.cond:
                     self.ready[t] = batch
+                    self.finished = t
                     self.cond.notify_all()
         except BaseException as err:  # noqa: BLE001 - handed to the trainer thread, which raises it
             with self.cond:
@@ -122,10 +121,10 @@ class LaggedRollouts:
 
     def publish(self, version: int, make_handle: Callable[[], Any]) -> None:
         """Publish the trainer's weights as `version` (= the step just trained + 1): `make_handle()` writes them.
-        Waits until no batch still to start reads version - 1, whose file this releases."""
+        Waits until every batch sampled by version - 1, whose file this releases, is finished."""
         last_reader = version - 1 + self.n  # the last step v(t) = version - 1 maps to
         with self.cond:
-            self._wait(lambda: self.loaded_for >= min(last_reader, self.steps - 1))
+            self._wait(lambda: self.finished >= min(last_reader, self.steps - 1))
         handle = make_handle()
         with self.cond:
             self.handles = {version: handle}
