@@ -1,7 +1,7 @@
 """ZeRO-3 in the trainer on a real DeepSpeed engine: two gloo ranks on CPU (fp32), the tiny model, no Ray.
 
-On the same batch ZeRO-3's loss, gradient norms (the policy's, averaged over the ranks, and the indexer's) and
-updated weights equal ZeRO-1's; a ZeRO-3 run resumed from its
+On the same batch ZeRO-3's loss, gradients (every backbone parameter's, averaged over the ranks; the norm of the
+indexer's) and updated weights equal ZeRO-1's; a ZeRO-3 run resumed from its
 checkpoint continues with the very same steps; its consolidated checkpoint loads in keel's loader and in
 transformers. The ranks run once per stage (the `runs` fixture); each test checks one thing of what they wrote.
 """
@@ -31,6 +31,39 @@ def _batches() -> list:
     return [sampled_batch(sampler, 8, ADVANTAGES[i:] + ADVANTAGES[:i]) for i in range(3)]
 
 
+def _capture_grads(w) -> dict:
+    """Record every engine-owned parameter's whole averaged gradient where each stage holds it once reduced:
+    ZeRO-1/2 before the step (`get_full_hp_grad`), ZeRO-3 when its step takes the gradient norm (its averaged
+    partitions, gathered here). Each step records into the returned dict."""
+    import torch.distributed as dist
+
+    grads: dict[str, torch.Tensor] = {}
+    names = {id(p): n for n, p in w.model.named_parameters()}
+    opt = w.optimizer
+
+    def record_zero3():
+        for i, group in enumerate(opt.fp16_groups):
+            for p, part in zip(group, opt.averaged_gradients[i], strict=True):
+                pieces = [torch.empty_like(part) for _ in range(dist.get_world_size())]
+                dist.all_gather(pieces, part.contiguous())
+                grads[names[id(p)]] = torch.cat(pieces)[: p.ds_numel].view(p.ds_shape).clone()
+
+    def record_zero1():
+        for name, p in w.model.named_parameters():
+            if p.requires_grad and ".indexer." not in name:
+                grads[name] = p.get_full_hp_grad().detach().clone()
+
+    hooked, method, record = (opt, "_get_norm_groups", record_zero3) if w.zero3 else (w.engine, "step", record_zero1)
+    real = getattr(hooked, method)
+
+    def wrapped(*args, **kwargs):
+        record()
+        return real(*args, **kwargs)
+
+    setattr(hooked, method, wrapped)
+    return grads
+
+
 def _rank_main(rank: int, port: int, checkpoint: str, zero_stage: int, out: str) -> None:
     """Step on batch 0; under ZeRO-3 then save, steps on batches 1 and 2, load the save and
     the steps on batches 1 and 2 again. Every rank writes what it saw; rank 0 also the consolidated weights."""
@@ -42,17 +75,19 @@ def _rank_main(rank: int, port: int, checkpoint: str, zero_stage: int, out: str)
     w = TrainerWorker(rank, WORLD, "127.0.0.1", port, checkpoint, checkpoint, grpo, trainer, lr=LR, seed=0)
     per = 8 // WORLD
     shards = [b.slice(rank * per, per) for b in _batches()]
+    grads = _capture_grads(w)
     first = w.grpo_step(shards[0])
+    grads = dict(grads)  # the first step's (later steps record theirs into the captured dict)
     after_first = w.state_dict()
     local = {n: (p.ds_tensor if hasattr(p, "ds_id") else p).numel() for n, p in w.model.named_parameters()}
     if zero_stage != 3:  # the reference for the first step only
-        torch.save({"first": first, "after_first": after_first}, f"{out}/rank{rank}.pt")
+        torch.save({"first": first, "grads": grads, "after_first": after_first}, f"{out}/rank{rank}.pt")
         return w.shutdown()
     w.save(f"{out}/ckpt")
     went_on = [(w.grpo_step(shards[1]), w.state_dict()), (w.grpo_step(shards[2]), w.state_dict())]
     w.load_optimizer(f"{out}/ckpt")
     resumed = [(w.grpo_step(shards[1]), w.state_dict()), (w.grpo_step(shards[2]), w.state_dict())]
-    torch.save({"first": first, "after_first": after_first, "went_on": went_on,
+    torch.save({"first": first, "grads": grads, "after_first": after_first, "went_on": went_on,
                 "resumed": resumed, "local_numel": local}, f"{out}/rank{rank}.pt")
     w.shutdown()
 
@@ -91,6 +126,11 @@ def test_zero3_step_equals_zero1(runs):
     for k in ("loss", "grad_norm", "indexer_grad_norm", "indexer_kl"):
         assert z3["first"][k] == pytest.approx(z1["first"][k], rel=1e-5, abs=1e-7), k
     assert z1["first"]["grad_norm"] > GRPO.grad_clip  # a real gradient (and the clip acts in both)
+    assert z3["grads"].keys() == z1["grads"].keys() and len(z1["grads"]) > 40  # every backbone parameter
+    for name, g in z1["grads"].items():
+        torch.testing.assert_close(z3["grads"][name], g, rtol=1e-5, atol=1e-6, msg=name)
+    norm = torch.cat([g.flatten() for g in z3["grads"].values()]).norm().item()
+    assert norm == pytest.approx(z1["first"]["grad_norm"], rel=1e-4)  # the averaged gradient, not one rank's
     # AdamW's first step moves each weight by ~lr * sign(g): an element whose gradient is ~eps may differ by a
     # fraction of lr after the rounding of the two reductions (as in test_trainer_optim's ZeRO-1/2 comparison).
     for name, v in z1["after_first"].items():
