@@ -15,7 +15,7 @@ weight inside its own module's forward; rl.algo.logprobs calls the lm_head modul
   DeepSpeed's GatheredParameters.
 
 `weight_buckets` streams the whole weights in HF names, gathered one bucket at a time under ZeRO-3 (every rank
-must iterate it: a gather is a collective); `state_bytes` counts what a rank holds (bench/trainer_memory.py).
+must iterate it: a gather is a collective). bench/trainer_memory.py counts what a rank holds at each stage.
 """
 
 from __future__ import annotations
@@ -95,33 +95,3 @@ def gathered_state(model: nn.Module, keep: bool, bucket_bytes: int = 256 << 20) 
     must call it together under ZeRO-3."""
     state = {n: t for bucket in weight_buckets(model, bucket_bytes, keep) for n, t in bucket}
     return state if keep else None
-
-
-def state_bytes(engine, model: nn.Module) -> dict[str, int]:
-    """Bytes this rank holds for the parameters, their gradients and the optimiser states (after a step).
-
-    parameters: the local storage of every parameter (a ZeRO-3 shard, or the whole tensor); gradients: the
-    engine's gradient buffers (ZeRO-2/3: this rank's partition; ZeRO-0/1: whole); optimiser: every tensor in the
-    optimiser's state plus its fp32 master copies where it keeps them apart from the parameters."""
-    params = sum((p.ds_tensor if is_sharded(p) else p).numel() * p.element_size() for p in model.parameters())
-    opt = engine.optimizer
-    inner = getattr(opt, "optimizer", opt)  # DeepSpeed's ZeRO optimisers wrap the torch one
-    moments = sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values()
-                  if torch.is_tensor(t) and t.dim() > 0)
-    masters = 0
-    own = {id(p) for p in model.parameters()}
-    for group in inner.param_groups:
-        masters += sum(p.numel() * p.element_size() for p in group["params"] if id(p) not in own)
-    grads = _grad_bytes(opt, model)
-    return {"parameters": params, "gradients": grads, "optimizer": moments + masters}
-
-
-def _grad_bytes(opt, model: nn.Module) -> int:
-    """Bytes of gradient storage after a step: ZeRO-2's and ZeRO-3's own partitioned buffers, else p.grad."""
-    for attr in ("averaged_gradients", "grad_partitions_flat_buffer"):
-        held = getattr(opt, attr, None)
-        if isinstance(held, torch.Tensor):
-            return held.numel() * held.element_size()
-        if isinstance(held, dict) and held:
-            return sum(t.numel() * t.element_size() for ts in held.values() for t in ts if torch.is_tensor(t))
-    return sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
