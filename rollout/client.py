@@ -144,7 +144,7 @@ class RolloutClient:
         if self.cuda:
             raise NotImplementedError(
                 "on CUDA the weights travel over NCCL from trainer rank 0 (weight_sync.NcclWeightSender driving "
-                "weight_sync_client(); rl.loop.driver.sync_weights), not as a published file"
+                "weight_sync_client(); rl.loop.step.sync_weights), not as a published file"
             )
 
     def _reachable(self, handle: weight_sync.WeightHandle) -> weight_sync.WeightHandle:

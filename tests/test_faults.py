@@ -9,7 +9,7 @@ let go (SIGCONT) afterwards. Each test lists the pids of the run's process tree 
 head processes and agents, the actors, vLLM's) and asserts that none is alive after the exit.
 
 The tests run in file order on the same run directory; the last one takes the run to its end, so every step
-must appear exactly once in metrics.jsonl after three interrupted processes and a resumed one per fault.
+must appear exactly once in metrics.jsonl, and every step's batch be complete, after four stopped processes.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import pytest
 
 from rl.loop.metrics import read_metrics
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # every test here but the first two
 ROOT = Path(__file__).parent.parent
 KEEL = Path(sys.executable).parent / "keel"
-STEPS, PROMPTS, G = 4, 4, 4
+STEPS, PROMPTS, G = 8, 4, 4  # steps to spare: a fault lands in the first one it can
 OVERRIDES = [
     f"run.steps={STEPS}", "run.checkpoint_every=1", "run.keep_checkpoints=10", "run.wandb_mode=disabled",
     "data.train_size=64", "data.eval_size=4", "sft.steps=0", f"rollout.prompts_per_step={PROMPTS}",
@@ -41,6 +41,21 @@ OVERRIDES = [
 STOP_S = 20.0  # a signalled or failed run exits within this (a clean stop measured 2-6 s on 2 busy cores)
 GONE_S = 5.0  # and every process of it is gone this long after its exit
 DETECT_S = 15.0  # a dead engine is reported within this
+
+
+def test_call_deadline_scales_with_decode_steps():
+    from rollout.liveness import call_deadline
+
+    assert call_deadline(300.0, 0.5, 16, 1, 256) == 308.0
+    assert call_deadline(300.0, 0.5, 16, 513, 256) == 300.0 + 0.5 * 16 * 3  # three waves of 256 sequences
+    assert call_deadline(300.0, 0.5, 0, 1, 1) == 300.0  # no sampling (a weight load): timeout_s alone
+
+
+def test_exit_cause_names_the_signal():
+    from rollout.liveness import exit_cause
+
+    assert exit_cause(-9) == "killed by signal 9 (SIGKILL: the OOM killer, or kill -9)"
+    assert exit_cause(-15) == "killed by signal 15" and exit_cause(1) == "exited with code 1"
 
 
 class KeelRun:
@@ -69,20 +84,56 @@ class KeelRun:
                 pass
         return found
 
-    def wait_for(self, title: str | tuple[str, ...], timeout: float = 300.0, when=lambda: True) -> psutil.Process:
-        """The first process titled `title` (e.g. ray::RolloutWorker.generate; a tuple: any of them) once `when()`
-        holds."""
+    def actors(self, timeout: float = 300.0) -> tuple[psutil.Process, list[psutil.Process]]:
+        """The rollout worker's process and the trainer ranks' (Ray titles them ray::RolloutWorker...,
+        ray::TrainerWorker...), once all have started."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the run exited ({self.proc.returncode}) before {title}:\n{self.tail()}")
+            self.check_running("its actors started")
             procs = self.snapshot()
-            if when():
-                for p, cmd in procs:
-                    if cmd.startswith(title):
-                        return p
-            time.sleep(0.01)
-        raise AssertionError(f"no {title} within {timeout} s:\n{self.tail()}")
+            workers = [p for p, cmd in procs if cmd.startswith("ray::RolloutWorker")]
+            ranks = [p for p, cmd in procs if cmd.startswith("ray::TrainerWorker")]
+            if len(workers) == 1 and len(ranks) == 2:
+                return workers[0], ranks
+            time.sleep(0.2)
+        raise AssertionError(f"the actors did not start within {timeout} s:\n{self.tail()}")
+
+    def catch(self, procs: list[psutil.Process], titles: tuple[str, ...], timeout: float = 120.0,
+              when=lambda: True) -> tuple[psutil.Process, str]:
+        """Pause (SIGSTOP) the first of `procs` seen running a call titled one of `titles` once `when()` holds;
+        returns it and its title. Only these pids are polled, so a call of a few milliseconds is caught."""
+        deadline, next_snapshot = time.monotonic() + timeout, 0.0
+        while time.monotonic() < deadline:
+            if time.monotonic() > next_snapshot:  # the tree's pids, now and then
+                self.check_running(f"{titles}")
+                self.snapshot()
+                next_snapshot = time.monotonic() + 0.5
+                ready = when()
+            for p in procs if ready else ():
+                try:
+                    title = " ".join(p.cmdline()).strip()
+                except psutil.Error:
+                    continue
+                if title.startswith(titles):
+                    p.suspend()
+                    return p, title
+            time.sleep(0.001)
+        raise AssertionError(f"no {titles} within {timeout} s:\n{self.tail()}")
+
+    def check_running(self, what: str) -> None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the run exited ({self.proc.returncode}) before {what}:\n{self.tail()}")
+
+    def run_dir(self, timeout: float = 300.0) -> Path:
+        """The run directory, as keel prints it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_running("naming its run directory")
+            found = re.search(r"keel: run directory (\S+)", self.log.read_text())
+            if found:
+                return Path(found.group(1))
+            time.sleep(0.2)
+        raise AssertionError(f"no run directory within {timeout} s:\n{self.tail()}")
 
     def wait_exit(self, timeout: float) -> float:
         """Seconds until the process exits (fails past `timeout`, killing what is left of the run)."""
@@ -152,32 +203,33 @@ def step_records(run_dir: Path) -> list[int]:
     return [m["step"] for m in read_metrics(run_dir) if "loss" in m]
 
 
-def paused(process: psutil.Process):
-    """SIGSTOP now; the returned function sends SIGCONT (if the process still exists)."""
-    process.send_signal(signal.SIGSTOP)
-
-    def go_on() -> None:
-        try:
-            process.send_signal(signal.SIGCONT)
-        except psutil.NoSuchProcess:
-            pass
-
-    return go_on
+def resume(process: psutil.Process) -> None:
+    """SIGCONT, if the process still exists."""
+    try:
+        process.resume()
+    except psutil.NoSuchProcess:
+        pass
 
 
-def stopped_by_signal(run: KeelRun, run_dir: Path, phase: str | tuple, sig: signal.Signals, group: bool) -> None:
-    """Send `sig` while `phase` runs; the run exits within STOP_S saying where its checkpoint is, leaves nothing."""
-    victim = run.wait_for(phase, when=lambda: bool(checkpoints(run_dir)))
-    go_on = paused(victim)
-    title = " ".join(victim.cmdline()).strip()
+def stopped_by_signal(run: KeelRun, phase: str, sig: signal.Signals, group: bool = False) -> None:
+    """Send `sig` while `phase` (rollout, update, sync) runs; the run exits within STOP_S saying where its
+    checkpoint is and how to continue, and leaves nothing behind."""
+    run_dir = run.run_dir()
+    worker, ranks = run.actors()
+    titles, procs = {"rollout": (("ray::RolloutWorker.generate",), [worker]),
+                     "update": (("ray::TrainerWorker.grpo_step",), ranks),
+                     # rank 0 publishes the weights, then the worker loads them: both are the sync
+                     "sync": (("ray::TrainerWorker.publish_weights", "ray::RolloutWorker.update_weights"),
+                              [worker, *ranks])}[phase]
+    victim, title = run.catch(procs, titles, when=lambda: bool(checkpoints(run_dir)))
     t0 = time.monotonic()
     (os.killpg if group else os.kill)(run.proc.pid, sig)  # Ctrl-C reaches keel's whole process group
     time.sleep(0.5)
-    go_on()
+    resume(victim)
     took = run.wait_exit(STOP_S) + 0.5
     left = run.leftovers()
-    print(f"\n{sig.name} during {title}: exit after {took:.1f} s (bound {STOP_S}), rc {run.proc.returncode}, "
-          f"{len(run.seen)} pids seen, {len(left)} left {GONE_S} s later")
+    print(f"\n{sig.name} during {phase} ({title}): exit after {took:.1f} s (bound {STOP_S}), rc "
+          f"{run.proc.returncode}, {len(run.seen)} pids seen, {len(left)} left")
     assert run.proc.returncode == 128 + sig, run.tail()
     latest = checkpoints(run_dir)[-1]
     assert f"interrupted ({sig.name}); last checkpoint: {run_dir / 'checkpoints' / f'step_{latest}'}" in run.tail()
@@ -188,35 +240,45 @@ def stopped_by_signal(run: KeelRun, run_dir: Path, phase: str | tuple, sig: sign
     assert len(records) == len(set(records)), records  # a step is never recorded twice
 
 
+@slow
 def test_ctrl_c_during_rollout_stops_the_run(shared):
     run = start(shared, "sigint_rollout")
-    found = re.compile(r"keel: run directory (\S+)")
-    deadline = time.monotonic() + 120
-    while shared["dir"] is None and time.monotonic() < deadline and run.proc.poll() is None:
-        m = found.search(run.log.read_text())
-        shared["dir"] = Path(m.group(1)) if m else None
-        time.sleep(0.2)
-    assert shared["dir"] is not None, run.tail()
-    stopped_by_signal(run, shared["dir"], "ray::RolloutWorker.generate", signal.SIGINT, group=True)
+    shared["dir"] = run.run_dir()
+    stopped_by_signal(run, "rollout", signal.SIGINT, group=True)
 
 
+@slow
 def test_sigterm_during_update_stops_the_run(shared):
-    run = start(shared, "sigterm_update")
     resumed_at = checkpoints(shared["dir"])[-1]
-    stopped_by_signal(run, shared["dir"], "ray::TrainerWorker.grpo_step", signal.SIGTERM, group=False)
-    assert f"at step {resumed_at}" in run.tail()  # it went on from the checkpoint the last stop left
+    run = start(shared, "sigterm_update")
+    stopped_by_signal(run, "update", signal.SIGTERM)
+    assert f"resumed from {shared['dir'] / 'checkpoints' / f'step_{resumed_at}'}" in run.tail()
 
 
-def test_sigterm_during_weight_sync_stops_the_run(shared):
-    run = start(shared, "sigterm_sync")
-    # Rank 0 publishes the weights, then the worker loads them: both are the sync.
-    phase = ("ray::TrainerWorker.publish_weights", "ray::RolloutWorker.update_weights")
-    stopped_by_signal(run, shared["dir"], phase, signal.SIGTERM, group=False)
+@slow
+def test_killed_driver_during_weight_sync_leaves_nothing_behind(shared):
+    """kill -9 of keel itself (no handler runs): Ray's agents and monitors would outlive it; keel's watcher
+    (rl/loop/reaper.py) stops them. The next test resumes from the checkpoint this leaves."""
+    run = start(shared, "kill_driver_sync")
+    worker, ranks = run.actors()
+    victim, title = run.catch([worker, *ranks], ("ray::TrainerWorker.publish_weights",
+                                                 "ray::RolloutWorker.update_weights"))
+    run.snapshot()
+    run.proc.kill()
+    t0 = time.monotonic()
+    resume(victim)
+    run.proc.wait()
+    left = run.leftovers()
+    print(f"\nkill -9 of keel during sync ({title}): {len(run.seen)} pids seen, {len(left)} left "
+          f"{time.monotonic() - t0:.1f} s later")
+    assert not left, left
 
 
+@slow
 def test_dead_trainer_rank_stops_the_run_naming_it(shared):
     run = start(shared, "rank_death")
-    victim = run.wait_for("ray::TrainerWorker.grpo_step")
+    _, ranks = run.actors()
+    victim, _ = run.catch(ranks, ("ray::TrainerWorker.grpo_step",))
     t0 = time.monotonic()
     victim.kill()
     took = run.wait_exit(STOP_S)
@@ -229,17 +291,18 @@ def test_dead_trainer_rank_stops_the_run_naming_it(shared):
     assert time.monotonic() - t0 < STOP_S + GONE_S
 
 
+@slow
 def test_dead_engine_mid_batch_is_restarted_and_the_run_completes(shared):
     """The process holding the engine (keel's CPU default: the worker's own; else vLLM's EngineCore) is killed
     while the worker generates a step's batch; the worker comes back at the current weights, the share is
     re-issued, and the run ends with every step once and every step's batch complete."""
     run = start(shared, "engine_death")
-    worker = run.wait_for("ray::RolloutWorker.generate")
+    worker, _ = run.actors()
+    worker, _ = run.catch([worker], ("ray::RolloutWorker.generate",))
     cores = [p for p, cmd in run.snapshot() if cmd.startswith("VLLM::EngineCore") and worker in p.parents()]
-    go_on = paused(worker)
     (cores or [worker])[0].kill()
     t0 = time.monotonic()
-    go_on()
+    resume(worker)
     while "rollout worker 0:" not in run.tail() and time.monotonic() - t0 < DETECT_S:
         run.snapshot()
         time.sleep(0.1)
@@ -319,6 +382,7 @@ def generate_with(client, fault, after_s: float = 1.0):
         timer.join()
 
 
+@slow
 def test_killed_engine_core_is_restarted_at_the_current_weights(client):
     import ray
 
@@ -332,6 +396,7 @@ def test_killed_engine_core_is_restarted_at_the_current_weights(client):
     assert engine_core(client).pid != core.pid
 
 
+@slow
 def test_hung_engine_misses_its_deadline_and_is_restarted(client):
     core = engine_core(client)
     core.suspend()  # alive but never answers: only the deadline can tell
@@ -352,6 +417,7 @@ def test_hung_engine_misses_its_deadline_and_is_restarted(client):
     assert not psutil.pid_exists(core.pid) or core.status() == psutil.STATUS_ZOMBIE, "the hung core was left behind"
 
 
+@slow
 def test_a_worker_past_max_restarts_stops_the_run_naming_it(client):
     from rollout.liveness import RolloutWorkerFailed
 

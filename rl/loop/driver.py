@@ -33,6 +33,7 @@ from rl.loop.data import sample_indices
 from rl.loop.metrics import MetricsLogger
 from rl.loop.pipeline import LaggedRollouts
 from rl.loop.placement import check_placement, cluster_nodes
+from rl.loop.reaper import Watcher
 from rl.loop.run_dir import commit_checkpoint, create_run_dir, latest_checkpoint, prune_checkpoints, resume_run_dir
 from rl.loop.step import async_step, collect, rl_step
 from rl.loop.tasks import Task, make_task
@@ -68,10 +69,13 @@ def ray_session(address: str, cpus_needed: int):
                 "; a cluster started with `ray start` uses token authentication when ~/.ray/auth_token exists: "
                 "set RAY_AUTH_MODE=token (and the same token file) to join it")
             raise ConnectionError(f"could not join the Ray cluster at {address}: {err}{hint}") from err
-    else:
+    watcher = None
+    if not address:
         # Logical CPUs: actors hold theirs for the whole run, reward tasks need a few more to schedule.
         ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False,
                  log_to_driver=os.environ.get("KEEL_RAY_LOGS", "0") == "1")
+        # Stops what Ray leaves of the session if this process is killed (rl/loop/reaper.py).
+        watcher = Watcher(ray._private.worker._global_node.get_session_dir_path())
     # After ray.init, whose own SIGTERM handler exits without a word.
     main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
@@ -79,6 +83,8 @@ def ray_session(address: str, cpus_needed: int):
         yield
     finally:
         ray.shutdown()
+        if watcher:
+            watcher.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
 
