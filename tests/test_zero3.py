@@ -84,11 +84,18 @@ def _rank_main(rank: int, port: int, checkpoint: str, zero_stage: int, out: str)
         torch.save({"first": first, "grads": grads, "after_first": after_first}, f"{out}/rank{rank}.pt")
         return w.shutdown()
     w.save(f"{out}/ckpt")
+    handle = w.publish_weights(1)  # every rank gathers, rank 0 writes the file bucket by bucket
+    published = None
+    if handle is not None:
+        from safetensors.torch import load_file
+
+        published = {"tensors": load_file(handle.path), "shapes": handle.shapes}
     went_on = [(w.grpo_step(shards[1]), w.state_dict()), (w.grpo_step(shards[2]), w.state_dict())]
     w.load_optimizer(f"{out}/ckpt")
     resumed = [(w.grpo_step(shards[1]), w.state_dict()), (w.grpo_step(shards[2]), w.state_dict())]
     torch.save({"first": first, "grads": grads, "after_first": after_first, "went_on": went_on,
-                "resumed": resumed, "local_numel": local}, f"{out}/rank{rank}.pt")
+                "resumed": resumed, "local_numel": local,
+                "published": published}, f"{out}/rank{rank}.pt")
     w.shutdown()
 
 
@@ -161,3 +168,13 @@ def test_zero3_checkpoint_loads_in_keel_and_transformers(runs):
     with torch.no_grad():
         ours, theirs = model.logits(model(ids).hidden), hf(ids).logits
     assert (ours - theirs).abs().max().item() <= 1e-4 and theirs.abs().max().item() > 0.1
+
+
+def test_zero3_publishes_the_gathered_weights(runs):
+    """Rank 0's published file (gathered per bucket, streamed to the file) holds exactly the whole weights."""
+    r0, r1 = runs[3]
+    assert r1["published"] is None
+    tensors, whole = r0["published"]["tensors"], r0["after_first"]
+    assert r0["published"]["shapes"] == {k: tuple(v.shape) for k, v in whole.items()}
+    assert tensors.keys() == whole.keys() and all(torch.equal(tensors[k], v) for k, v in whole.items())
+

@@ -20,11 +20,20 @@ must iterate it: a gather is a collective). bench/trainer_memory.py counts what 
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import os
+import socket
+import struct
+import tempfile
+import uuid
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+import rollout.weight_sync as weight_sync  # the receiving contract: what a published weight version is
 from rl.model.transformer import MoE, Transformer
 
 
@@ -67,6 +76,12 @@ def full_numel(p: torch.Tensor) -> int:
     return p.ds_numel if is_sharded(p) else p.numel()
 
 
+def _state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """({name: parameter or buffer}, the names in state_dict order)."""
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return tensors, [n for n in model.state_dict(keep_vars=True) if n in tensors]
+
+
 def weight_buckets(model: nn.Module, bucket_bytes: int, keep: bool) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """The model's whole state (HF names, state_dict order) in buckets of at most `bucket_bytes` (fp32; a bigger
     tensor is a bucket of its own), as fp32 CPU copies where `keep` (rank 0), empty lists elsewhere. Sharded
@@ -74,8 +89,7 @@ def weight_buckets(model: nn.Module, bucket_bytes: int, keep: bool) -> Iterator[
     Every rank must run the iteration to its end together (each gather is a collective)."""
     import deepspeed
 
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    names = [n for n in model.state_dict(keep_vars=True) if n in tensors]
+    tensors, names = _state(model)
     bucket, size = [], 0
     for i, name in enumerate(names):
         bucket.append(name)
@@ -95,3 +109,53 @@ def gathered_state(model: nn.Module, keep: bool, bucket_bytes: int = 256 << 20) 
     must call it together under ZeRO-3."""
     state = {n: t for bucket in weight_buckets(model, bucket_bytes, keep) for n, t in bucket}
     return state if keep else None
+
+
+def write_safetensors(model: nn.Module, path: str | None, bucket_bytes: int = 256 << 20) -> dict[str, tuple]:
+    """The whole state as one fp32 safetensors file at `path`, written bucket by bucket: names, shapes and offsets
+    are known before any gather, so the header goes first and the writer never holds more than one bucket.
+    Every rank calls it together (the gathers); only the one with a `path` writes. Returns {name: shape}."""
+    tensors, names = _state(model)
+    shapes = {n: tuple(tensors[n].ds_shape if is_sharded(tensors[n]) else tensors[n].shape) for n in names}
+    out = None
+    if path is not None:
+        header, offset = {}, 0
+        for n in names:
+            size = 4 * math.prod(shapes[n])
+            header[n] = {"dtype": "F32", "shape": list(shapes[n]), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
+        out = open(path, "wb")  # noqa: SIM115 - closed below, after the last bucket
+        out.write(struct.pack("<Q", len(raw)) + raw)
+    try:
+        for bucket in weight_buckets(model, bucket_bytes, keep=out is not None):
+            for _, t in bucket:
+                out.write(t.numpy().data)
+    finally:
+        if out is not None:
+            out.close()
+    return shapes
+
+
+def publish(model: nn.Module, version: int, file: bool, blob: bool, node: str | None) -> weight_sync.WeightHandle:
+    """Rank 0's half of TrainerWorker.publish_weights: the file under /dev/shm written by `write_safetensors`
+    (the other ranks call that with no path), the blob put from the file's pages; a blob-only version's file
+    is removed once put. Returns the handle."""
+    if not (file or blob):
+        raise ValueError("publish_weights needs a file, a blob or both")
+    folder = tempfile.mkdtemp(prefix="keel-weights-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    path = os.path.join(folder, f"v{version}-{uuid.uuid4().hex[:8]}.safetensors")
+    shapes = write_safetensors(model, path)
+    ref = None
+    if blob:
+        import numpy as np
+        import ray
+
+        ref = ray.put(np.memmap(path, dtype=np.uint8, mode="r"))
+    handle = weight_sync.WeightHandle(path=path, version=version, host=socket.gethostname(), shapes=shapes,
+                                      blob=ref, node=node)
+    if not file:
+        weight_sync.release_weights(handle)
+        handle = dataclasses.replace(handle, path="")
+    return handle

@@ -297,18 +297,19 @@ class TrainerWorker:
             return None
         return sharding.gathered_state(self.model, keep=self.rank == 0)
 
-    def publish_weights(self, version: int, file: bool = True, blob: bool = False) -> weight_sync.WeightHandle:
-        """Rank 0: serialize the current weights once for the rollout engines and return the handle (a path,
-        the names and shapes, an object-store ref); `file`/`blob` as the rollout client's transport plan says.
-        The version published before is released here (its file deleted): the engines loaded it already.
-        Under ZeRO-3 every rank calls it (the gathers) and the others return None."""
+    def publish_weights(self, version: int, file: bool = True, blob: bool = False) -> weight_sync.WeightHandle | None:
+        """Rank 0: write the current weights once for the rollout engines and return the handle (a path, the
+        names and shapes, an object-store ref); `file`/`blob` as the rollout client's transport plan says. The
+        safetensors file is written bucket by bucket (`sharding.write_safetensors`: gathered per bucket under
+        ZeRO-3, every rank taking part; the others return None), so no process holds the whole model for it;
+        the blob is put from the file's pages. The version published before is released here (its file
+        deleted): the engines loaded it already."""
         if self.rank != 0:
             if not self.zero3:
                 raise RuntimeError("only trainer rank 0 publishes weights")
-            self.state_dict()
+            sharding.write_safetensors(self.model, None)
             return None
-        handle = weight_sync.publish_weights(self.state_dict(), version, file=file, blob=blob,
-                                             node=weight_sync.current_node())
+        handle = sharding.publish(self.model, version, file, blob, weight_sync.current_node())
         previous, self.published = self.published, handle
         if previous is not None:
             weight_sync.release_weights(previous)
