@@ -181,24 +181,31 @@ def plot(rows: list[dict], variants: list[str], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    most = max(sum(r["variant"] == v for r in rows) for v in variants)
     for v in variants:
         runs = [r for r in rows if r["variant"] == v]
         if not runs:
+            continue
+        if len(runs) < most:  # a mean over other seeds than the rest's: only its mismatch is comparable
+            n = min(len(r["mismatch_curve"]) for r in runs)
+            gap = [statistics.fmean(r["mismatch_curve"][t] for r in runs) for t in range(n)]
+            bottom.plot(range(1, n + 1), gap, linestyle="--", label=f"{v} ({len(runs)} of {most} seeds)")
             continue
         n = min(len(r["reward_curve"]) for r in runs)
         reward = [statistics.fmean(r["reward_curve"][t] for r in runs) for t in range(n)]
         smooth = [statistics.fmean(reward[max(0, t - 9) : t + 1]) for t in range(n)]
         gap = [statistics.fmean(r["mismatch_curve"][t] for r in runs) for t in range(n)]
         steps = list(range(1, n + 1))
-        (line,) = top.plot(steps, smooth, label=v)
+        (line,) = top.plot(steps, smooth, label=f"{v} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
         bottom.plot(steps, gap, color=line.get_color(), label=v)
     top.set_ylabel("training reward (10-step mean)")
     bottom.set_ylabel("mean |log p_engine - log p_trainer|")
     bottom.set_yscale("log")
     bottom.set_xlabel("GRPO step")
     top.legend(fontsize=8)
-    top.set_title(f"stabiliser ablation: bf16 engine, fp32 trainer (mean of {len(rows) // max(len(variants), 1)} "
-                  "seeds)")
+    if bottom.get_legend_handles_labels()[0]:
+        bottom.legend(fontsize=8)
+    top.set_title("stabiliser ablation: bf16 engine, fp32 trainer (mean over seeds)")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
