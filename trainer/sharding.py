@@ -84,9 +84,10 @@ def _state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
 
 def weight_buckets(model: nn.Module, bucket_bytes: int, keep: bool) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """The model's whole state (HF names, state_dict order) in buckets of at most `bucket_bytes` (fp32; a bigger
-    tensor is a bucket of its own), as fp32 CPU copies where `keep` (rank 0), empty lists elsewhere. Sharded
-    parameters are gathered one bucket at a time, so a rank never holds more than one bucket beyond its shard.
-    Every rank must run the iteration to its end together (each gather is a collective)."""
+    tensor is a bucket of its own): the tensors themselves where `keep` (rank 0), empty lists elsewhere. Sharded
+    parameters are gathered one bucket at a time, so a rank never holds more than one bucket beyond its shard;
+    a bucket's tensors are valid until the next one is asked for (copy what is kept). Every rank must run the
+    iteration to its end together (each gather is a collective)."""
     import deepspeed
 
     tensors, names = _state(model)
@@ -99,15 +100,15 @@ def weight_buckets(model: nn.Module, bucket_bytes: int, keep: bool) -> Iterator[
             continue
         sharded = [tensors[n] for n in bucket if is_sharded(tensors[n])]
         with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None, enabled=bool(sharded)):
-            out = [(n, tensors[n].detach().to("cpu", torch.float32).clone()) for n in bucket] if keep else []
-        yield out
+            yield [(n, tensors[n].detach()) for n in bucket] if keep else []  # valid until the next bucket
         bucket, size = [], 0
 
 
 def gathered_state(model: nn.Module, keep: bool, bucket_bytes: int = 256 << 20) -> dict[str, torch.Tensor] | None:
     """The whole state as one {name: fp32 CPU tensor} on the rank that `keep`s it (None elsewhere); every rank
     must call it together under ZeRO-3."""
-    state = {n: t for bucket in weight_buckets(model, bucket_bytes, keep) for n, t in bucket}
+    state = {n: t.to("cpu", torch.float32).clone() for bucket in weight_buckets(model, bucket_bytes, keep)
+             for n, t in bucket}
     return state if keep else None
 
 
@@ -130,8 +131,8 @@ def write_safetensors(model: nn.Module, path: str | None, bucket_bytes: int = 25
         out.write(struct.pack("<Q", len(raw)) + raw)
     try:
         for bucket in weight_buckets(model, bucket_bytes, keep=out is not None):
-            for _, t in bucket:
-                out.write(t.numpy().data)
+            for _, t in bucket:  # written from the (gathered) parameter itself: no copy of an fp32 CPU one
+                out.write(t.to("cpu", torch.float32).contiguous().numpy().data)
     finally:
         if out is not None:
             out.close()

@@ -8,7 +8,8 @@ the indexer's dense warm-up, the sparse stage) and `sft_step` (the first kind). 
 publishes the weights for the rollout engines itself (`publish_weights`): the bytes go from this process to
 /dev/shm and/or Ray's object store, and only a small handle goes back to the driver. On CUDA rank 0 instead
 broadcasts them over NCCL through vLLM's weight-transfer engine (`open_weight_sync`, `send_weights`; untested on
-a GPU yet).
+a GPU yet). ZeRO-1/2/3 (trainer.sharding): under ZeRO-3 the calls that read whole weights (`state_dict`,
+`publish_weights`, `export`, `save`, `eval_loss`) are collectives that every rank makes.
 """
 
 from __future__ import annotations
