@@ -3,6 +3,8 @@ errors as text, and everything the model sees spellable by the tiny character to
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from rl.model.tokenizer import CharTokenizer
@@ -15,7 +17,7 @@ from rollout.agent.environments import (
     make_planner_env,
     make_search_env,
 )
-from rollout.agent.environments.base import PLAIN_CHARS
+from rollout.agent.environments.base import PLAIN_CHARS, Environment, tool_schema
 from rollout.agent.environments.oracles import solve
 from rollout.agent.messages import Message
 from rollout.agent.template import CompactTemplate, DeepSeekV32Template
@@ -241,3 +243,40 @@ def test_search_oracle_solves_many_worlds(difficulty):
         if difficulty > 1:  # no document names both the question's organisation and the answer
             org = next(o for o in env.founder if f" {o} " in f" {env.question} ")
             assert not [d for d in env.documents if {org, env.answer} <= set(d.rstrip(".").split())], env.task
+
+
+class Faulty(Environment):
+    """An environment with bugs of its own: a tool that crashes, one that hangs, a verifier that does either."""
+
+    kind = "faulty"
+    time_limit_s = 0.3
+
+    def __init__(self, verifier: str):
+        tools = [tool_schema(n, "a tool") for n in ("crash", "hang", "fine")]
+        super().__init__(0, "do it", tools, difficulty=1)
+        self.verifier = verifier
+
+    def handlers(self):
+        def hang():
+            threading.Event().wait(30)
+
+        return {"crash": lambda: 1 / 0, "hang": hang, "fine": lambda: "ok"}
+
+    def verify(self, final_answer):
+        if self.verifier == "crash":
+            raise KeyError("hidden state")
+        if self.verifier == "hang":
+            threading.Event().wait(30)
+        return 1.0
+
+
+def test_a_crashing_or_hanging_tool_or_verifier_never_stalls_the_episode():
+    env = Faulty("crash")
+    assert env.call("crash", {}).startswith("error: tool crash failed: zerodivisionerror")
+    assert env.call("hang", {}).startswith("error: tool hang failed: timeouterror")
+    assert env.call("fine", {}) == "ok"  # the episode goes on
+    assert (env.tool_calls, env.tool_errors) == (3, 2)
+    assert env.score("x") == (0.0, "verifier failed: KeyError: 'hidden state'")
+    reward, reason = Faulty("hang").score("x")
+    assert reward == 0.0 and reason.startswith("verifier failed: TimeoutError")
+    assert Faulty("ok").score("x") == (1.0, "")

@@ -31,7 +31,7 @@ summary turns are not part of any row (nothing is trained on them); the metrics 
 
 An episode also ends at a turn that does not close with the template's end of turn (the engine's
 length limit or EOS), or that does not parse: its text cannot continue an append-only stream, and it
-has no answer. The reward is `env.verify(answer)` for the final turn without tool calls, else 0.
+has no answer. The reward is `env.score(answer)` (verify, bounded) for the final turn without tool calls, else 0.
 """
 
 from __future__ import annotations
@@ -365,8 +365,10 @@ def play_round(engine: Any, active: list[Episode], sampling: dict, policy_versio
 
 def episode_row(episode: Episode, prompt_index: int, sample_index: int, policy_version: int) -> dict:
     """The RolloutBatch row of a finished episode: its last stream, scored by the environment."""
-    reward = 0.0 if episode.answer is None else float(episode.env.verify(episode.answer))
-    reason = "" if episode.answer is not None else episode.parse_error or f"no answer ({episode.finish_reason})"
+    if episode.answer is None:
+        reward, reason = 0.0, episode.parse_error or f"no answer ({episode.finish_reason})"
+    else:
+        reward, reason = episode.env.score(episode.answer)
     return dict(episode.segment.row(), prompt_index=prompt_index, sample_index=sample_index,
                 finish_reason=episode.finish_reason, policy_version=policy_version, reward=reward,
                 reward_reason=reason)

@@ -4,7 +4,11 @@ An environment is made from a seed and is deterministic given it. The model sees
 `tools`; it acts through `call`, which never raises for anything the model did (an unknown tool,
 bad arguments, a refused request): it answers with an "error: ..." string instead, because a tool
 error is an observation the model should learn from, not a crash of the loop. `verify` scores the
-final answer, 1.0 or 0.0.
+final answer, 1.0 or 0.0; the loop calls it through `score`.
+
+A tool or verifier that crashes or hangs (an environment's own bug) never stalls a step: `call` answers
+"error: ..." and `score` gives 0 with the reason, each after at most `time_limit_s`. A hung function is left
+running in its daemon thread (Python cannot stop a thread); its environment is not used again.
 
 Every string an environment shows the model is "plain": lowercase, digits and the punctuation of
 the compact alphabet without its delimiters `< > |`, so the tiny character model can read it.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import random
 import re
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +32,26 @@ _CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
 
 class ToolError(Exception):
     """A tool refused its request; the message goes back to the model as the tool's result."""
+
+
+def bounded(fn: Callable[[], Any], time_limit_s: float) -> Any:
+    """fn() run in a daemon thread: its result, its exception, or TimeoutError after time_limit_s."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            out["error"] = error
+
+    thread = threading.Thread(target=run, name="keel-env-call", daemon=True)
+    thread.start()
+    thread.join(time_limit_s)
+    if thread.is_alive():
+        raise TimeoutError(f"did not return within {time_limit_s:g} s")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def plain(text: str) -> str:
@@ -109,6 +134,7 @@ class Environment(ABC):
     and implement the tools (`handlers`) and `verify`. `tool_calls` and `tool_errors` count calls for metrics."""
 
     kind: str = ""
+    time_limit_s: float = 10.0  # per tool call and per verification
 
     def __init__(self, seed: int, task: str, tools: list[dict], difficulty: int = 2):
         self.seed = seed
@@ -134,8 +160,19 @@ class Environment(ABC):
             if tool is None:
                 names = ", ".join(t["name"] for t in self.tools)
                 raise ToolError(f"there is no tool {plain(name)}. tools: {names}")
-            result = self.handlers()[name](**check_arguments(tool, arguments))
+            checked = check_arguments(tool, arguments)
+            result = bounded(lambda: self.handlers()[name](**checked), self.time_limit_s)
         except ToolError as error:
             self.tool_errors += 1
             return plain(f"error: {error}")
+        except Exception as error:  # the tool's own bug or hang: the episode goes on, the model sees an error
+            self.tool_errors += 1
+            return plain(f"error: tool {name} failed: {type(error).__name__}: {error}")
         return plain(result)
+
+    def score(self, final_answer: str) -> tuple[float, str]:
+        """(verify's reward, "") or, when verify crashes or hangs, (0.0, the reason)."""
+        try:
+            return float(bounded(lambda: self.verify(final_answer), self.time_limit_s)), ""
+        except Exception as error:
+            return 0.0, f"verifier failed: {type(error).__name__}: {error}"
