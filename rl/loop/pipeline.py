@@ -62,8 +62,8 @@ class LaggedRollouts:
         self.first, self.steps, self.n = first, steps, max_staleness
         self.sample, self.load = sample, load
         self.cond = threading.Condition()
-        self.handles: dict[int, Any] = {first: None}  # published versions; `first` is in the engines already
-        self.newest = first  # newest published version
+        self.newest = first  # the newest published version; publishing releases the one before
+        self.newest_handle: Any = None  # its handle (None for `first`: the engines hold it already)
         self.engine_version = first
         self.finished = first - 1  # the last step the producer has sampled
         self.ready: dict[int, Any] = {}
@@ -83,7 +83,7 @@ class LaggedRollouts:
                     if self.stopping:
                         return
                     self.busy = True
-                    handle = self.handles.get(v)
+                    handle = self.newest_handle if v == self.newest else None
                 try:
                     if self.engine_version != v:
                         if handle is None:
@@ -127,8 +127,7 @@ class LaggedRollouts:
             self._wait(lambda: self.finished >= min(last_reader, self.steps - 1))
         handle = make_handle()
         with self.cond:
-            self.handles = {version: handle}
-            self.newest = version
+            self.newest, self.newest_handle = version, handle
             self.cond.notify_all()
 
     @contextmanager
@@ -139,7 +138,7 @@ class LaggedRollouts:
             self._wait(lambda: not self.busy)
         try:
             if self.engine_version != self.newest:
-                self.load(self.handles[self.newest])
+                self.load(self.newest_handle)
                 self.engine_version = self.newest
             yield
         finally:
