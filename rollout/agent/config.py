@@ -23,6 +23,10 @@ class AgentConfig:
     max_total_tokens: int = 1024  # context budget: a turn starts only if prompt + rollout.max_tokens fits
     context_strategy: str = "none"  # in training rollouts: none | discard_all | discard_75 | summary
     eval_context_strategy: str = "discard_75"  # in evaluation
+    # independent: an episode's tool calls run while the engine decodes other episodes' turns; rounds: every
+    # unfinished episode's turn in one call, then all tools (last-bit reproducible log-probs whatever the tools'
+    # timing). `rollout.agent.schedule`.
+    schedule: str = "independent"
     # Warm start: also show each oracle demonstration's final turn after `eval_context_strategy` (discard_75 or
     # discard_all) has cut the tool history before it, so the model has seen the contexts a cut leaves.
     sft_cut_demos: bool = False

@@ -1,5 +1,5 @@
-"""Summaries for the "summary" context strategy: written by the policy itself (`ModelSummarizer`, all the
-summaries of a round in one generate call) or, without a model, cut from the latest tool results
+"""Summaries for the "summary" context strategy: written by the policy itself (`ModelSummarizer`, the
+summaries waiting together in one generate call) or, without a model, cut from the latest tool results
 (`tool_results_summary`). `rollout.agent.loop.run_episodes` uses them when an episode's context overflows.
 """
 
@@ -71,13 +71,24 @@ class ModelSummarizer:
         self.counts["trimmed"] += int(lo > 0)
         return prompt(lo) if lo < len(dropped) else None
 
-    def summarize_many(self, conversations: list[list[Message]]) -> list[str]:
-        """One summary per conversation ("" for one with nothing that fits), from at most one generate call."""
+    def summarize_many(self, conversations: list[list[Message]], keys: list[int] | None = None) -> list[str]:
+        """One summary per conversation ("" for one with nothing that fits), from at most one generate call.
+
+        keys: each conversation's prompt index for the engine, which seeds its request with it (the agent loop's
+        `schedule.request_key`, so a summary's draw does not depend on which others share its call); default
+        their positions among the requests sent.
+        """
         prompts = [self.request(c) if c else None for c in conversations]
         asked = [p for p in prompts if p is not None]
         if not asked:
             return ["" for _ in conversations]
-        batch = self.engine.generate(asked, self.sampling, self.policy_version)
+        if keys is None:
+            batch = self.engine.generate(asked, self.sampling, self.policy_version)
+        else:
+            if len(keys) != len(conversations):
+                raise ValueError(f"{len(conversations)} conversations but {len(keys)} keys")
+            asked_keys = [k for k, p in zip(keys, prompts, strict=True) if p is not None]
+            batch = self.engine.generate(asked, self.sampling, self.policy_version, prompt_indices=asked_keys)
         generated = batch.column("response_ids").to_pylist()
         self.counts["requests"] += len(asked)
         self.counts["calls"] += 1
@@ -90,10 +101,12 @@ class ModelSummarizer:
         return self.summarize_many([dropped])[0]
 
 
-def summarize_all(summarize: Callable[[list[Message]], str], conversations: list[list[Message]]) -> list[str]:
-    """Summaries of several conversations: one engine call for a ModelSummarizer, one call each otherwise."""
+def summarize_all(summarize: Callable[[list[Message]], str], conversations: list[list[Message]],
+                  keys: list[int] | None = None) -> list[str]:
+    """Summaries of several conversations: one engine call for a ModelSummarizer (keys: as for `summarize_many`),
+    one call each otherwise."""
     if isinstance(summarize, ModelSummarizer):
-        return summarize.summarize_many(conversations)
+        return summarize.summarize_many(conversations, keys)
     return [summarize(c) if c else "" for c in conversations]
 
 

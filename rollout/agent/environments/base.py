@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 import re
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -135,6 +136,9 @@ class Environment(ABC):
 
     kind: str = ""
     time_limit_s: float = 10.0  # per tool call and per verification
+    # Seconds each tool call waits before it runs: stands in for a remote tool's latency (benchmarks and tests of the
+    # schedule; the synthesized tools themselves answer at once). Counts against time_limit_s.
+    tool_latency_s: float = 0.0
 
     def __init__(self, seed: int, task: str, tools: list[dict], difficulty: int = 2):
         self.seed = seed
@@ -161,7 +165,7 @@ class Environment(ABC):
                 names = ", ".join(t["name"] for t in self.tools)
                 raise ToolError(f"there is no tool {plain(name)}. tools: {names}")
             checked = check_arguments(tool, arguments)
-            result = bounded(lambda: self.handlers()[name](**checked), self.time_limit_s)
+            result = bounded(lambda: self._run(name, checked), self.time_limit_s)
         except ToolError as error:
             self.tool_errors += 1
             return plain(f"error: {error}")
@@ -169,6 +173,11 @@ class Environment(ABC):
             self.tool_errors += 1
             return plain(f"error: tool {name} failed: {type(error).__name__}: {error}")
         return plain(result)
+
+    def _run(self, name: str, checked: dict[str, Any]) -> str:
+        if self.tool_latency_s > 0:
+            time.sleep(self.tool_latency_s)
+        return self.handlers()[name](**checked)
 
     def score(self, final_answer: str) -> tuple[float, str]:
         """(verify's reward, "") or, when verify crashes or hangs, (0.0, the reason)."""
