@@ -4,6 +4,7 @@ top-k sampling), run with all four DeepSeek-V3.2 stabilisers on, each off in tur
     python bench/ablation.py                                   # 3 seeds x 6 variants, configs/ablation.yaml
     python bench/ablation.py --seeds 0 1 --steps 60 --json ablation.json --plot docs/ablation.png
     python bench/ablation.py --variants all_on fp32_engine     # fp32_engine: all on, no mismatch (the control)
+    python bench/ablation.py --variants all_on stale stale_all_off   # stale: the engine one update behind
     python bench/ablation.py --from-json a.json b.json --plot docs/ablation.png   # table and plot again, no runs
 
 Per seed S: one supervised warm start (`keel train CONFIG run.steps=0`, seed S), then every variant as a fresh
@@ -52,8 +53,12 @@ VARIANTS = {
     **{f"no_{name}": [override] for name, override in OFF.items()},
     "all_off": list(OFF.values()),
     "fp32_engine": ["rollout.engine.dtype=float32"],  # all on, engine and trainer both fp32: no mismatch
+    # Stale weights on top of the bf16 engine: step t is sampled by version t - 1 (asynchronous RL,
+    # docs/ASYNC.md), so pi_old is one update behind pi_theta, the gap the off-policy mask and the unbiased KL are for.
+    "stale": ["rollout.max_staleness=1"],
+    "stale_all_off": ["rollout.max_staleness=1", *OFF.values()],
 }
-DEFAULT_VARIANTS = [v for v in VARIANTS if v != "fp32_engine"]
+DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("fp32_engine", "stale", "stale_all_off")]
 
 
 def keel_command() -> list[str]:

@@ -61,6 +61,8 @@ def test_routing_agrees_and_workers_hold_the_trainers_weights(finished_run):
     for m in (m for m in read_metrics(finished_run) if "loss" in m):
         assert m["routing_agreement"] == 1.0, m
         assert m["logp_mismatch_first"] < 1e-3, m
+        layers = [m[k] for k in m if k.startswith("mismatch/routing_layer_")]
+        assert layers == [1.0] * len(layers) and len(layers) >= 1 and m["mismatch/logp_max"] < 1e-2, m
 
 
 def test_resume_reproduces_the_uninterrupted_run(finished_run, tmp_path):

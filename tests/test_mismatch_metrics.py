@@ -1,4 +1,4 @@
-"""The train-inference mismatch metrics of the stabiliser ablation (rl/loop/metrics.py), on hand-made cases."""
+"""The train-inference mismatch metrics (rl/algo/mismatch.py) and the ablation's run verdicts, on hand-made cases."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from rl.algo.grpo import offpolicy_sequence_mask
-from rl.loop.metrics import (
-    collapsed,
-    grad_norm_spikes,
+from rl.algo.mismatch import (
     kept_set_disagreement,
     kept_sets,
     logp_mismatch_distribution,
     offpolicy_fraction,
     routing_agreement_per_layer,
+    step_mismatch,
 )
+from rl.loop.metrics import collapsed, grad_norm_spikes
 
 
 def test_routing_agreement_per_layer_compares_sets_per_layer() -> None:
@@ -25,6 +25,17 @@ def test_routing_agreement_per_layer_compares_sets_per_layer() -> None:
     trainer = torch.tensor([[[1, 0], [3, 2]], [[0, 1], [3, 4]]])
     assert routing_agreement_per_layer(engine, trainer).tolist() == [1.0, 0.5]
     assert routing_agreement_per_layer(engine, engine).tolist() == [1.0, 1.0]
+
+
+def test_step_mismatch_logs_each_layer_and_the_logp_distribution() -> None:
+    engine = torch.tensor([[[0, 1], [2, 3]], [[1, 0], [2, 4]]])
+    trainer = torch.tensor([[[1, 0], [3, 2]], [[0, 1], [3, 4]]])
+    m = step_mismatch(torch.tensor([0.0, -1.0]), torch.tensor([-0.5, -1.0]), engine, trainer)
+    assert (m["mismatch/routing_layer_0"], m["mismatch/routing_layer_1"]) == (1.0, 0.5)
+    assert m["routing_agreement"] == pytest.approx(0.75)  # 3 of the 4 (token, layer) expert sets agree
+    assert m["mismatch/logp_max"] == pytest.approx(0.5) and "mismatch/logp_mean" not in m
+    unrouted = step_mismatch(torch.tensor([0.0]), torch.tensor([0.0]))
+    assert math.isnan(unrouted["routing_agreement"]) and not any("routing_layer" in k for k in unrouted)
 
 
 def test_routing_agreement_per_layer_rejects_mismatched_shapes() -> None:

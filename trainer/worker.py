@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 import rollout.weight_sync as weight_sync  # the receiving contract: what a published weight version is
 from rl.algo.config import GRPOConfig
+from rl.algo.mismatch import step_mismatch
 from rl.model.checkpoint import load_model, save_checkpoint
 from rl.model.transformer import Transformer
 from trainer import sharding
@@ -176,10 +177,10 @@ class TrainerWorker:
                                                    follow_selection=g.keep_indexer_selection)
             counted = data.response_mask > 0
             mismatch = (logp0 - data.old_logp).abs()[counted].mean().item() if counted.any() else 0.0
-            agreement = float("nan")
-            if data.routing is not None and free.routing is not None:
-                same = (free.routing.sort(-1).values == data.routing.sort(-1).values).all(-1)
-                agreement = same[valid].float().mean().item()
+            routed = data.routing is not None and free.routing is not None
+            mismatch_metrics = step_mismatch(data.old_logp[counted], logp0[counted],
+                                             data.routing[valid] if routed else None,
+                                             free.routing[valid] if routed else None)
             ref_logp = None
             if g.kl_estimator != "none":
                 if self.reference is None:
@@ -219,12 +220,12 @@ class TrainerWorker:
         result.update(
             {
                 "skipped_minibatches": float(skipped),
-                "routing_agreement": agreement,
                 "indexer_agreement": (free.indexer_agreement.item() if free.indexer_agreement is not None
                                       else float("nan")),
                 "logp_mismatch_first": mismatch,
                 "entropy": entropy0[counted].mean().item() if counted.any() else 0.0,
                 "trained_tokens": float(counted.sum().item()),
+                **mismatch_metrics,
             }
         )
         return result
