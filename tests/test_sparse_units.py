@@ -83,6 +83,10 @@ def test_selection_overlap_by_hand():
     # queries t >= 2 count: t=2 shares {2} of 2 (0.5), t=3 shares nothing (0)
     assert selection_overlap(own, rec, 2).item() == pytest.approx(0.25)
     assert selection_overlap(own, rec, 2, torch.tensor([[1, 1, 1, 0]])).item() == pytest.approx(0.5)
+    # A padded query (no record: all -1) is not compared, whatever the model picks there.
+    padded = rec.clone()
+    padded[0, 3] = -1
+    assert selection_overlap(own, padded, 2).item() == pytest.approx(0.5)
 
 
 def _batch(lengths: list[tuple[int, int]], layers: int, k: int, records: list[np.ndarray | None]) -> pa.RecordBatch:

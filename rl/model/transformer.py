@@ -287,12 +287,12 @@ class MLA(nn.Module):
 def selection_overlap(own: torch.Tensor, recorded: torch.Tensor, k: int,
                       query_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean |own_t & recorded_t| / k over the queries t >= k (earlier ones select every token either way)
-    where query_mask [B, T] is 1: how often the indexer picks what the engine picked. own, recorded: [B, T, K]
-    positions, -1 in unused slots."""
+    that have a record (padding of a right-padded batch has none) and where query_mask [B, T] is 1: how often
+    the indexer picks what the engine picked. own, recorded: [B, T, K] positions, -1 in unused slots."""
     s_len = own.shape[1]
     both = selection_mask(own, s_len) & selection_mask(recorded, s_len)
     overlap = both.sum(-1).float() / k  # [B, T]
-    weight = (torch.arange(s_len, device=own.device) >= k).float()[None].expand_as(overlap)
+    weight = ((torch.arange(s_len, device=own.device) >= k)[None] & (recorded >= 0).any(-1)).float()
     if query_mask is not None:
         weight = weight * query_mask.float()
     return (overlap * weight).sum() / weight.sum().clamp(min=1)
