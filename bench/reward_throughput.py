@@ -109,7 +109,7 @@ def main() -> None:
         if use_ray:
             import ray
 
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         math_rps = samples_per_second(*math_batch(args.n_math), RewardSpec("math_verify"), use_ray,
                                       args.max_concurrency)
         code_rps = samples_per_second([CODE_RESPONSE] * args.n_code, [{"tests": CODE_TESTS}] * args.n_code,

@@ -223,7 +223,8 @@ def run(args: argparse.Namespace, root: str) -> None:
           f"over {len(ratios)} pairs")
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)  # the object store, for that transport
+    # The object store, for that transport; "local": a new Ray, not one `ray start` left running on the machine.
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         report_updates("tiny", worker, tiny)
         shutdown(worker)

@@ -36,7 +36,7 @@ SMALL = ["sft.steps=4", "sft.batch_size=16", "rollout.prompts_per_step=4", "roll
 def cluster():
     import ray
 
-    ray.init(num_cpus=max(os.cpu_count() or 1, 6), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 6), include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

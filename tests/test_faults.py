@@ -353,7 +353,7 @@ def client(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny_v32")
     DeepseekV32ForCausalLM(DeepseekV32Config(**preset("tiny"))).save_pretrained(path)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}}
     c = RolloutClient(str(path), 1, ENGINE, ray_options={"runtime_env": env}, max_restarts=3)
     c.update_weights(c_tensors(path), 1)  # a restarted worker must be brought back to version 1

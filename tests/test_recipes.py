@@ -166,7 +166,7 @@ def ray_local():
     """One local Ray for the module: keel's ray_session joins it instead of starting one per recipe."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -111,7 +111,7 @@ def test_ray_scoring_runs_code_and_survives_a_hanging_reward():
 
     # Ray workers may not have tests/ on their path: ship this module's functions by value.
     cloudpickle.register_pickle_by_value(__import__(__name__))
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
         tests = [{"input": f"{a}\n", "output": f"{2 * a}\n"} for a in range(3)]
         responses = ["print(2 * int(input()))", "print(int(input()))", "hang", "print(2 * int(input()))"]

@@ -105,7 +105,7 @@ def client(checkpoint):
 
     from rollout.client import RolloutClient
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     c = RolloutClient(checkpoint, num_workers=2, engine=ENGINE)
     yield c
     c.shutdown()
