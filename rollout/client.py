@@ -34,6 +34,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rollout import serving, weight_sync
 from rollout.config import EngineConfig
@@ -51,9 +53,11 @@ class RolloutClient:
         max_restarts: int = 3,
         timeout_s: float = 300.0,
         timeout_per_token_s: float = 0.5,
+        placement: tuple[PlacementGroup, list[int]] | None = None,
     ) -> None:
         """max_restarts: failures a worker may have in the client's life; timeout_s, timeout_per_token_s: a call's
-        deadline (`liveness.call_deadline`)."""
+        deadline (`liveness.call_deadline`). placement: a ready placement group and each worker's bundle in it
+        (rl.loop.placement.reserve); None: Ray places the workers."""
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         cuda = serving.on_cuda()
@@ -68,8 +72,15 @@ class RolloutClient:
         # vLLM sizes its own CPU threads, so on CPU an actor reserves no Ray CPU slot.
         default = {"num_gpus": self.engine.tensor_parallel_size} if cuda else {"num_cpus": 0}
         options = {**default, **(ray_options or {}), "max_restarts": max_restarts, "max_task_retries": 0}
-        actor = ray.remote(RolloutWorker).options(**options)
-        self.workers = [actor.remote(checkpoint_dir, self.engine) for _ in range(num_workers)]
+        actor = ray.remote(RolloutWorker)
+        self.needs: list[dict[str, float]] = [{}] * num_workers  # what a worker's node must have (its bundle)
+        if placement is not None:
+            pg, bundles = placement
+            self.needs = [pg.bundle_specs[b] for b in bundles]
+            self.workers = [actor.options(**options, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=b)).remote(checkpoint_dir, self.engine) for b in bundles]
+        else:
+            self.workers = [actor.options(**options).remote(checkpoint_dir, self.engine) for _ in range(num_workers)]
         self.cuda = cuda
         self.version = 0
         self.handle: weight_sync.WeightHandle | None = None  # latest weights the workers loaded (CPU)
@@ -263,11 +274,13 @@ class RolloutClient:
         """Wait for Ray to restart a dead worker, then bring it to the latest weights (its update's result)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            try:
-                state = ray.get(self.workers[worker].ping.remote(), timeout=max(deadline - time.monotonic(), 1.0))
+            self._check_node(worker)
+            try:  # a short wait per ping, so that a lost node is seen while Ray is still restarting the worker
+                state = ray.get(self.workers[worker].ping.remote(), timeout=min(max(deadline - time.monotonic(), 1.0),
+                                                                                5.0))
                 if (state["node_id"], state["pid"]) != self.worker_pids[worker]:
                     break  # not the old process (ray.kill takes a moment), which would still answer
-            except ray.exceptions.RayActorError:
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rollout worker {worker} was not restarted within {timeout_s:.0f} s")
@@ -288,6 +301,21 @@ class RolloutClient:
         if worker < len(self.last_update):
             self.last_update[worker] = result
         return result
+
+
+    def _check_node(self, worker: int) -> None:
+        """RolloutWorkerFailed when the worker's Ray node is gone and no alive node can hold it (its bundle's
+        resources, e.g. placement.rollout_resource); otherwise Ray restarts it on a surviving node."""
+        nodes = ray.nodes()
+        lost = next((n for n in nodes if n["NodeID"] == self.worker_nodes[worker] and not n["Alive"]), None)
+        need = self.needs[worker]
+        if lost is None or any(n["Alive"] and all(n["Resources"].get(k, 0.0) >= v for k, v in need.items())
+                               for n in nodes):
+            return
+        raise RolloutWorkerFailed(
+            f"rollout worker {worker}'s Ray node {lost['NodeID']} ({lost['NodeManagerAddress']}) was lost, and no "
+            f"alive node has what the worker needs ({need}): start a node with those resources (or bring that one "
+            "back) and resume the run from its last checkpoint")
 
 
 class WorkerWeightSyncClient:

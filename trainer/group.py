@@ -14,7 +14,7 @@ import socket
 import pyarrow as pa
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rl.algo.config import GRPOConfig
@@ -38,6 +38,12 @@ def _pid(actor) -> int:
     return os.getpid()
 
 
+def _bundle_ip(pg: PlacementGroup, bundle: int) -> str:
+    """The IP address of the node holding a ready placement group's bundle."""
+    node = placement_group_table(pg)["bundles_to_node_id"][bundle]
+    return next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -57,21 +63,28 @@ class TrainerGroup:
         seed: int,
         temperature: float = 1.0,
         freeze_backbone: bool = False,
+        placement: tuple[PlacementGroup, list[int]] | None = None,
     ):
-        """Arguments as TrainerWorker's; `grpo` and `trainer` cross Ray as dataclass instances."""
+        """Arguments as TrainerWorker's; `grpo` and `trainer` cross Ray as dataclass instances. `placement`: a
+        ready placement group and each rank's bundle in it (rl.loop.placement.reserve; its owner removes it);
+        None: the group makes its own, one bundle per rank, PACK."""
         n = trainer.num_ranks
-        bundle = {"CPU": trainer.cpus_per_rank}
-        if trainer.gpus_per_rank:
-            bundle["GPU"] = trainer.gpus_per_rank
-        self.pg = placement_group([bundle] * n, strategy="PACK")
-        ray.get(self.pg.ready())
-        master_addr, master_port = ray.util.get_node_ip_address(), _free_port()
+        self.own_pg = placement is None
+        if placement is None:
+            bundle = {"CPU": trainer.cpus_per_rank}
+            if trainer.gpus_per_rank:
+                bundle["GPU"] = trainer.gpus_per_rank
+            placement = placement_group([bundle] * n, strategy="PACK"), list(range(n))
+            ray.get(placement[0].ready())
+        self.pg, bundles = placement
+        # Rank 0's node serves the process group's store: its address, not the driver's (another node, maybe).
+        master_addr, master_port = _bundle_ip(self.pg, bundles[0]), _free_port()
         actor_cls = ray.remote(TrainerWorker)
         self.workers = [
             actor_cls.options(
                 num_cpus=trainer.cpus_per_rank,
                 num_gpus=trainer.gpus_per_rank,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundles[i]),
             ).remote(i, n, master_addr, master_port, policy_checkpoint, reference_checkpoint, grpo, trainer, lr, seed,
                      temperature, freeze_backbone)
             for i in range(n)
@@ -188,4 +201,5 @@ class TrainerGroup:
                 pass
         for w in self.workers:
             ray.kill(w)
-        remove_placement_group(self.pg)
+        if self.own_pg:
+            remove_placement_group(self.pg)

@@ -131,6 +131,18 @@ class SandboxConfig:
 
 
 @dataclass
+class PlacementConfig:
+    """Where the run's actors go on the Ray cluster (rl/loop/placement.py). A resource name pins a group to the
+    nodes that declare that custom resource (`ray start --resources='{"keel_trainer": 1}'`); "" lets Ray choose."""
+
+    trainer_resource: str = ""
+    rollout_resource: str = ""
+    colocate: bool = False  # every rank and engine on one node (one STRICT_PACK placement group)
+    trainer_strategy: str = "PACK"  # Ray's placement-group strategy: PACK | SPREAD | STRICT_PACK
+    rollout_strategy: str = "PACK"
+
+
+@dataclass
 class KeelConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -144,6 +156,7 @@ class KeelConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)  # enabled: tool-use episodes instead of `data`
 
 

@@ -32,7 +32,7 @@ from rl.loop.config import RolloutConfig, as_dataclass
 from rl.loop.data import sample_indices
 from rl.loop.metrics import MetricsLogger
 from rl.loop.pipeline import LaggedRollouts
-from rl.loop.placement import check_placement, cluster_nodes
+from rl.loop.placement import check_placement, cluster_nodes, reserve, where
 from rl.loop.reaper import Watcher
 from rl.loop.run_dir import commit_checkpoint, create_run_dir, latest_checkpoint, prune_checkpoints, resume_run_dir
 from rl.loop.step import async_step, collect, rl_step
@@ -107,6 +107,7 @@ class Run:
         self.cfg, self.dir = cfg, run_dir
         self.tokenizer = self._tokenizer(checkpoint)
         self.task: Task = make_task(cfg, self.tokenizer)
+        self.placement = None  # the run's placement groups (rl.loop.placement.Reserved), made by _train
 
     def _tokenizer(self, checkpoint: str | Path | None) -> Tokenizer:
         """The model's own tokenizer: `checkpoint`'s or model.checkpoint's (every id must fit its vocab_size), the
@@ -171,7 +172,19 @@ class Run:
 
         return TrainerGroup(str(policy), str(reference) if reference else None,
                             as_dataclass(GRPOConfig, self.cfg.grpo), as_dataclass(TrainerConfig, self.cfg.trainer),
-                            lr, self.cfg.run.seed, temperature=self.cfg.rollout.temperature)
+                            lr, self.cfg.run.seed, temperature=self.cfg.rollout.temperature,
+                            placement=self.placement.trainer if self.placement else None)
+
+    def rollout_client(self, policy: Path, r: RolloutConfig, publisher_node: str | None):
+        """The rollout workers on `policy`, in the run's placement; says on which nodes they and trainer rank 0
+        (on `publisher_node`) run."""
+        from rollout.client import RolloutClient
+
+        client = RolloutClient(str(policy), r.num_workers, self.engine_config(), max_restarts=r.max_restarts,
+                               timeout_s=r.timeout_s, timeout_per_token_s=r.timeout_per_token_s,
+                               placement=self.placement.rollout if self.placement else None)
+        print(f"keel: placement: {where(publisher_node, client.worker_nodes)}", flush=True)
+        return client
 
     def warm_start(self, base: Path) -> Path:
         """SFT on the task's answers (sft.steps > 0) into init/; otherwise init/ is the base model."""
@@ -251,12 +264,10 @@ def train(cfg: DictConfig, resume: str | None = None) -> Path:
 
 
 def _train(cfg: DictConfig, run_dir: Path, run: Run | None = None) -> Path:
-    from rollout.client import RolloutClient
-
     run = run or Run(cfg, run_dir)
     print(f"keel: run directory {run_dir}")
     # A cluster too small for the plan stops the run here, before any actor starts (rl.loop.placement).
-    check_placement(cfg, cluster_nodes())
+    run.placement = reserve(check_placement(cfg, cluster_nodes()))
     if hasattr(run.task, "check_held_out"):
         run.task.check_held_out()  # an evaluation prompt in the training set stops the run before it starts
     init = run.warm_start(run.base_checkpoint())
@@ -269,8 +280,7 @@ def _train(cfg: DictConfig, run_dir: Path, run: Run | None = None) -> Path:
                            OmegaConf.to_container(cfg), resume_step=state["step"] if ckpt else -1)
     trainer = run.trainer_group(policy, init, cfg.grpo.lr)
     r = as_dataclass(RolloutConfig, cfg.rollout)  # a run from before a key existed gets its default
-    client = RolloutClient(str(policy), r.num_workers, run.engine_config(), max_restarts=r.max_restarts,
-                           timeout_s=r.timeout_s, timeout_per_token_s=r.timeout_per_token_s)
+    client = run.rollout_client(policy, r, trainer.publisher_node)
     client.version = state["step"]  # the engines serve this step's checkpoint
     stop_s = 60.0  # how long the actors get to shut down on their own
     rollouts = None
@@ -294,6 +304,8 @@ def _train(cfg: DictConfig, run_dir: Path, run: Run | None = None) -> Path:
             metrics = async_step(run, trainer, client, rollouts, step) if rollouts else rl_step(run, trainer, client,
                                                                                                   step)
             state["step"] = step + 1
+            # Workers that loaded this step's weights through the object store: on another node than rank 0.
+            metrics["sync/object_store_workers"] = sum(u.get("source") == "object_store" for u in client.last_update)
             if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < cfg.run.steps:
                 with rollouts.paused() if rollouts else nullcontext():
                     metrics.update(run.evaluate(client))
@@ -326,6 +338,7 @@ def _train(cfg: DictConfig, run_dir: Path, run: Run | None = None) -> Path:
         logger.close()
         client.shutdown(timeout_s=stop_s)
         trainer.shutdown(timeout_s=stop_s)
+        run.placement.remove()
     return run_dir
 
 
