@@ -45,7 +45,8 @@ def test_the_schema_and_its_extra_columns_pass():
     batch = WorkerLike().generate([[1, 5, 6]], {"n": 2}, 0)
     check_batch(batch)
     check_batch(append_columns(batch, turns=[1, 2], tool_calls=[0, 1], segments=[1, 1]))
-    assert set(EXTRA_COLUMNS) == {"turns", "tool_calls", "segments"}
+    check_batch(append_columns(batch, token_versions=[[0] * len(r) for r in batch["response_ids"].to_pylist()]))
+    assert set(EXTRA_COLUMNS) == {"turns", "tool_calls", "segments", "token_versions"}
 
 
 def test_a_batch_off_the_contract_is_refused_with_the_column_named():

@@ -33,6 +33,8 @@ Appended after those by the producer that has them (`append_columns`, `EXTRA_COL
   turns            int32                       assistant turns of an agent episode
   tool_calls       int32                       tool calls the episode made
   segments         int32                       token streams it used: 1 + context-management cuts
+  token_versions   list<int32>                 partial rollouts: per response token, the weight version that
+                                               sampled it; the row's policy_version is the oldest of them
 
 Who writes what (`check_batch` checks a batch against this contract; tests/test_batch_contract.py and
 tests/test_rollout.py run it on each producer's output; docs/BATCH.md has the long form):
@@ -42,6 +44,7 @@ tests/test_rollout.py run it on each producer's output; docs/BATCH.md has the lo
                                             turns, loss_mask, reward and reward_reason (the environment's
                                             verifier), turns, tool_calls, segments
   rl/loop/tasks.py PromptTask.rollout       reward, reward_reason (the `rewards` package)
+  rollout/partial.py PartialRollout         token_versions (rollout.in_flight=partial), chunks spliced
   rl/loop/step.py learn                     advantage (rl.algo.grpo.group_advantages); its parquet dump adds
                                             response_text (string, the decoded response), not part of the batch
 
@@ -58,7 +61,8 @@ import numpy as np
 import pyarrow as pa
 
 # Columns a producer appends after the schema's own (see the module docstring), with their types.
-EXTRA_COLUMNS = {"turns": pa.int32(), "tool_calls": pa.int32(), "segments": pa.int32()}
+EXTRA_COLUMNS = {"turns": pa.int32(), "tool_calls": pa.int32(), "segments": pa.int32(),
+                 "token_versions": pa.list_(pa.int32())}
 
 
 def routing_dtype(n_routed_experts: int) -> np.dtype:

@@ -98,6 +98,11 @@ class RolloutConfig:
     # by construction; a guard) are dropped or kept by stale_policy.
     max_staleness: int = 0
     stale_policy: str = "drop"  # drop | keep
+    # Requests in flight at a weight update (rollout/partial.py): "finish" on the weights they started with, or
+    # "partial": batch t generates partial_chunk_tokens tokens per request on v(t), then its unfinished requests
+    # are resubmitted from their prefix on v(t + 1), each token tagged with its version (token_versions).
+    in_flight: str = "finish"  # finish | partial
+    partial_chunk_tokens: int = 4
 
 
 @dataclass
@@ -218,6 +223,18 @@ def _async_problems(cfg: DictConfig) -> list[str]:
     if r.max_staleness and cfg.grpo.old_logprobs != "engine":
         problems.append("rollout.max_staleness > 0 needs grpo.old_logprobs=engine: pi_old must be the policy that "
                         "sampled (an older version), not the trainer's current weights")
+    if r.in_flight not in ("finish", "partial"):
+        problems.append(f"rollout.in_flight={r.in_flight!r}: choose finish or partial")
+    elif r.in_flight == "partial":
+        if not r.max_staleness:
+            problems.append("rollout.in_flight=partial needs rollout.max_staleness >= 1: the synchronous loop has "
+                            "no weight update during a rollout")
+        if not 1 <= r.partial_chunk_tokens < r.max_tokens:
+            problems.append(f"rollout.partial_chunk_tokens={r.partial_chunk_tokens} must be in [1, rollout."
+                            f"max_tokens={r.max_tokens}): no request would ever move to the newer version")
+        if cfg.agent.enabled:
+            problems.append("rollout.in_flight=partial is written for prompt tasks; agent episodes (agent.enabled) "
+                            "finish in flight")
     if r.max_staleness and r.engine.sleep_while_training:
         problems.append("rollout.max_staleness > 0 samples while the trainer steps: rollout.engine."
                         "sleep_while_training cannot be on")

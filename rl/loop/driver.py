@@ -35,7 +35,7 @@ from rl.loop.pipeline import LaggedRollouts
 from rl.loop.placement import check_placement, cluster_nodes, reserve, where
 from rl.loop.reaper import Watcher
 from rl.loop.run_dir import commit_checkpoint, create_run_dir, latest_checkpoint, prune_checkpoints, resume_run_dir
-from rl.loop.step import async_step, collect, rl_step
+from rl.loop.step import async_step, collect, collect_partial, rl_step
 from rl.loop.tasks import Task, make_task
 from rl.model.checkpoint import (
     CheckpointError,
@@ -296,8 +296,11 @@ def _train(cfg: DictConfig, run_dir: Path, run: Run | None = None) -> Path:
             if client.cuda:
                 raise NotImplementedError("rollout.max_staleness > 0 with CUDA engines: loading a weight version "
                                           "over NCCL while the trainer steps is not written yet (CPU engines only)")
-            rollouts = LaggedRollouts(state["step"], cfg.run.steps, r.max_staleness,
-                                      lambda t: collect(run, client, t), client.load_weights)
+            partial = r.in_flight == "partial"  # unfinished requests move to the next version mid-batch
+            sample = (lambda t, switch: collect_partial(run, client, t, switch)) if partial else (
+                lambda t: collect(run, client, t))
+            rollouts = LaggedRollouts(state["step"], cfg.run.steps, r.max_staleness, sample, client.load_weights,
+                                      partial=partial)
         bar = tqdm(range(state["step"], cfg.run.steps), desc="grpo", unit="step", initial=state["step"],
                    total=cfg.run.steps)
         for step in bar:

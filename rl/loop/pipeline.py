@@ -21,6 +21,13 @@ Protocol, one lock:
                      the producer reloads its own version when it goes on.
 The producer owns the rollout client except while paused, so the client is never used by two threads at once.
 
+Partial rollouts (`rollout.in_flight: partial`, rollout/partial.py): batch t starts on v(t) and, after its first
+chunk, moves its unfinished requests to v(t + 1), the version batch t + 1 starts with (when newer), waiting for
+the trainer to publish it. The switch point is a function of the step, so partial runs repeat exactly too; the
+later tokens are one version fresher, and the overlap is the first chunk's. Version w's last reader is then the
+first chunk of batch w + N, so the producer tells publish when it is done with older versions (`floor`: the
+oldest version it may still load, v(t + 1) from batch t's switch point or end).
+
 Interrupted or resumed runs drop the batches in flight: a checkpoint holds the trainer at step s, and the resumed
 run starts the producer at first = s with the checkpoint's weights (so its first N batches are fresher than an
 uninterrupted run's; no step is repeated or lost).
@@ -32,6 +39,8 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from rollout.partial import VersionSwitch
 
 STALE_POLICIES = ("drop", "keep")
 
@@ -50,22 +59,29 @@ def stale_rows(policy_versions: list[int], trainer_version: int, max_staleness: 
     return [trainer_version - v > max_staleness for v in policy_versions]
 
 
+class _Stopped(Exception):
+    """close() while the producer waited at a switch point."""
+
+
 class LaggedRollouts:
     """The producer thread of the protocol above. `sample(step)` makes step's batch (in the producer thread, with
-    the engines holding version v(step)); `load(handle)` brings the engines to a published version's weights."""
+    the engines holding version v(step)); `load(handle)` brings the engines to a published version's weights.
+    partial: `sample(step, switch)` instead, `switch` (a VersionSwitch, or None when v(step + 1) is not newer)
+    moving the engines to v(step + 1) when called."""
 
-    def __init__(self, first: int, steps: int, max_staleness: int, sample: Callable[[int], Any],
-                 load: Callable[[Any], None]):
+    def __init__(self, first: int, steps: int, max_staleness: int, sample: Callable[..., Any],
+                 load: Callable[[Any], None], partial: bool = False):
         if max_staleness < 1:
             raise ValueError(f"rollout.max_staleness={max_staleness}: the lagged pipeline needs >= 1 (0 is the "
                              "synchronous loop)")
         self.first, self.steps, self.n = first, steps, max_staleness
-        self.sample, self.load = sample, load
+        self.sample, self.load, self.partial = sample, load, partial
         self.cond = threading.Condition()
         self.newest = first  # the newest published version; publishing releases the one before
         self.newest_handle: Any = None  # its handle (None for `first`: the engines hold it already)
         self.engine_version = first
         self.finished = first - 1  # the last step the producer has sampled
+        self.floor = first  # the oldest version the producer may still load: older ones may be released
         self.ready: dict[int, Any] = {}
         self.busy = self.held = self.stopping = False
         self.error: BaseException | None = None
@@ -90,7 +106,7 @@ class LaggedRollouts:
                             raise RuntimeError(f"weight version {v} (step {t}'s) was released before it was loaded")
                         self.load(handle)
                         self.engine_version = v
-                    batch = self.sample(t)
+                    batch = self.sample(t, self._switch_of(t)) if self.partial else self.sample(t)
                 finally:
                     with self.cond:
                         self.busy = False
@@ -98,11 +114,38 @@ class LaggedRollouts:
                 with self.cond:
                     self.ready[t] = batch
                     self.finished = t
+                    self.floor = max(self.floor, behaviour_version(t + 1, self.first, self.n))
                     self.cond.notify_all()
+        except _Stopped:
+            return
         except BaseException as err:  # noqa: BLE001 - handed to the trainer thread, which raises it
             with self.cond:
                 self.error = err
                 self.cond.notify_all()
+
+    def _switch_of(self, t: int) -> VersionSwitch | None:
+        """Batch t's switch point: to v(t + 1) when that is newer than v(t)."""
+        target = behaviour_version(t + 1, self.first, self.n)
+        return VersionSwitch(target, lambda: self._switch(target)) if target > self.engine_version else None
+
+    def _switch(self, target: int) -> int:
+        """Between chunks: done with older versions; wait (not busy, so an evaluation may pause the producer here)
+        until `target` is published, and load it. Returns it."""
+        with self.cond:
+            self.floor = max(self.floor, target)
+            self.busy = False
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self.stopping or (not self.held and target <= self.newest))
+            if self.stopping:
+                raise _Stopped
+            self.busy = True
+            handle = self.newest_handle if target == self.newest else None
+        if self.engine_version != target:
+            if handle is None:
+                raise RuntimeError(f"weight version {target} was released before it was loaded")
+            self.load(handle)
+            self.engine_version = target
+        return target
 
     # ---- trainer side ------------------------------------------------------------------------------
 
@@ -121,10 +164,10 @@ class LaggedRollouts:
 
     def publish(self, version: int, make_handle: Callable[[], Any]) -> None:
         """Publish the trainer's weights as `version` (= the step just trained + 1): `make_handle()` writes them.
-        Waits until every batch sampled by version - 1, whose file this releases, is finished."""
-        last_reader = version - 1 + self.n  # the last step v(t) = version - 1 maps to
+        Waits until the producer is done with version - 1, whose file this releases: every batch sampled by it is
+        finished (finish), or the last one's first chunk (partial)."""
         with self.cond:
-            self._wait(lambda: self.finished >= min(last_reader, self.steps - 1))
+            self._wait(lambda: self.floor >= version or self.finished >= self.steps - 1)
         handle = make_handle()
         with self.cond:
             self.newest, self.newest_handle = version, handle

@@ -19,6 +19,7 @@ from rl.algo.batch import with_columns
 from rl.algo.grpo import group_advantages
 from rl.loop.data import sample_indices
 from rl.loop.pipeline import LaggedRollouts, stale_rows
+from rollout.partial import PartialRollout, VersionSwitch, version_lag_fractions
 
 Collected = tuple[pa.RecordBatch, dict[str, float], list[str]]  # (scored batch, rollout metrics, response texts)
 
@@ -32,6 +33,17 @@ def collect(run: Any, client: Any, step: int) -> Collected:
     batch, metrics, texts = run.task.rollout(client, idx, run.sampling(step + 1), step)
     metrics["time/reward"] = metrics.get("time/reward", 0.0)  # agents: verifiers run inside the episodes
     metrics["time/rollout"] = time.perf_counter() - t - metrics["time/reward"]
+    return batch, metrics, texts
+
+
+def collect_partial(run: Any, client: Any, step: int, switch: VersionSwitch | None) -> Collected:
+    """collect() with partial rollouts (rollout.in_flight=partial, rollout/partial.py): requests unfinished after
+    the first chunk move to switch.target. time/wait_version is the wait for that version (not in time/rollout);
+    async/resubmitted counts the requests moved."""
+    partial = PartialRollout(client, run.cfg.rollout.partial_chunk_tokens, switch)
+    batch, metrics, texts = collect(run, partial, step)
+    metrics["time/rollout"] -= partial.waited_s
+    metrics.update({"time/wait_version": partial.waited_s, "async/resubmitted": float(partial.resubmitted)})
     return batch, metrics, texts
 
 
@@ -82,6 +94,9 @@ def drop_stale(collected: Collected, step: int, max_staleness: int, policy: str)
     if policy == "drop" and any(stale):
         batch = batch.filter(pa.array([not s for s in stale]))
         texts = [text for text, s in zip(texts, stale, strict=True) if not s]
+    if "token_versions" in batch.schema.names:  # partial rollouts: the trained tokens by their version's lag
+        lags = version_lag_fractions(batch.column("token_versions").to_pylist(), step)
+        metrics.update({f"async/token_frac_lag{k}": f for k, f in lags.items()})
     return (batch, rollout_metrics, texts), metrics
 
 
