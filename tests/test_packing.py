@@ -208,8 +208,9 @@ def test_pack_sft_sequences_errors_name_the_sample():
 def test_pack_row_length():
     seqs, _ = samples([5, 30, 9])  # the longest takes 29 positions
     assert pack_row_length(0, 2048, seqs) == 4 * 29
-    assert pack_row_length(0, 64, seqs) == 64  # capped at index_topk
-    assert pack_row_length(0, 8, seqs) == 29  # but never below the longest sample
+    assert pack_row_length(0, 64, seqs) == 64  # capped at index_topk: rows stay dense
+    assert pack_row_length(0, 29, seqs) == 29  # but never below the longest sample
+    assert pack_row_length(0, 8, seqs) == 4 * 29  # samples past index_topk run sparse anyway: no cap
     assert pack_row_length(100, 8, seqs) == 100
     with pytest.raises(ValueError, match=r"sft.pack_length=20: dataset row 1 has 30 tokens"):
         pack_row_length(20, 8, seqs)

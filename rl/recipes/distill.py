@@ -73,9 +73,9 @@ class DistillSFTSection:
     # segment_ids), so no compute goes to padding; the loss is the same as with right-padded rows.
     pack: bool = True
     # Positions per packed row (a sample of n tokens takes n - 1); a sample longer than an explicit value is an
-    # error. 0: four times the dataset's longest sample, at most the model's index_topk, at least the longest
-    # sample. Attention cost per token grows with the row, so rows of a few samples beat long ones (and rows
-    # within index_topk run dense attention instead of the DSA path).
+    # error. 0: four times the dataset's longest sample; when that sample fits in the model's index_topk, at most
+    # index_topk (rows within index_topk run dense attention, cheaper than the DSA path on CPU). Attention cost per
+    # token grows with the row, so rows of a few samples beat long ones.
     pack_length: int = 0
 
 
@@ -127,7 +127,7 @@ def pack_row_length(pack_length: int, index_topk: int, seqs: list[list[int]]) ->
     if pack_length == 0:
         # Padding waste stays under about a quarter of a row, while attention stays cheap (on the tiny preset,
         # 64 samples of 8-25 tokens train a step in 0.6x the padded time in rows of 64, 1.25x in rows of 512, CPU).
-        return max(need, min(4 * need, index_topk))
+        return max(need, min(4 * need, index_topk)) if need <= index_topk else 4 * need
     if need > pack_length:
         raise ValueError(f"sft.pack_length={pack_length}: dataset row {longest} has {len(seqs[longest])} tokens "
                          f"({need} positions); raise sft.pack_length to at least {need} or set it to 0")
