@@ -476,7 +476,7 @@ class TimedLookupEnv(LookupEnv):
 
     def __init__(self, seed: int, latency: float):
         super().__init__(seed)
-        self.tool_latency_s, self.spans = latency, []
+        self.tool_latency, self.spans = (lambda: latency) if latency else None, []
 
     def call(self, name, arguments):
         start = time.monotonic()

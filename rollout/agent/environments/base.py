@@ -136,9 +136,9 @@ class Environment(ABC):
 
     kind: str = ""
     time_limit_s: float = 10.0  # per tool call and per verification
-    # Seconds each tool call waits before it runs: stands in for a remote tool's latency (benchmarks and tests of the
-    # schedule; the synthesized tools themselves answer at once). Counts against time_limit_s.
-    tool_latency_s: float = 0.0
+    # Stands in for a remote tool's latency (benchmarks and tests of the agent schedule; the synthesized tools answer
+    # at once): each call first waits tool_latency() seconds, drawn per call. Counts against time_limit_s.
+    tool_latency: Callable[[], float] | None = None
 
     def __init__(self, seed: int, task: str, tools: list[dict], difficulty: int = 2):
         self.seed = seed
@@ -175,8 +175,8 @@ class Environment(ABC):
         return plain(result)
 
     def _run(self, name: str, checked: dict[str, Any]) -> str:
-        if self.tool_latency_s > 0:
-            time.sleep(self.tool_latency_s)
+        if self.tool_latency is not None:
+            time.sleep(self.tool_latency())
         return self.handlers()[name](**checked)
 
     def score(self, final_answer: str) -> tuple[float, str]:
