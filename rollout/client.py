@@ -304,18 +304,23 @@ class RolloutClient:
 
 
     def _check_node(self, worker: int) -> None:
-        """RolloutWorkerFailed when the worker's Ray node is gone and no alive node can hold it (its bundle's
-        resources, e.g. placement.rollout_resource); otherwise Ray restarts it on a surviving node."""
-        nodes = ray.nodes()
-        lost = next((n for n in nodes if n["NodeID"] == self.worker_nodes[worker] and not n["Alive"]), None)
-        need = self.needs[worker]
-        if lost is None or any(n["Alive"] and all(n["Resources"].get(k, 0.0) >= v for k, v in need.items())
-                               for n in nodes):
-            return
-        raise RolloutWorkerFailed(
-            f"rollout worker {worker}'s Ray node {lost['NodeID']} ({lost['NodeManagerAddress']}) was lost, and no "
-            f"alive node has what the worker needs ({need}): start a node with those resources (or bring that one "
-            "back) and resume the run from its last checkpoint")
+        """RolloutWorkerFailed when the worker's Ray node is gone and no alive node can hold it again; otherwise
+        Ray restarts it (on a surviving node if its own is gone)."""
+        problem = lost_node(ray.nodes(), self.worker_nodes[worker], self.needs[worker])
+        if problem:
+            raise RolloutWorkerFailed(f"rollout worker {worker}'s {problem}")
+
+
+def lost_node(nodes: list[dict], node_id: str | None, need: dict[str, float]) -> str | None:
+    """What to say when `node_id` is dead among `nodes` (ray.nodes()) and no alive node has the resources `need`
+    (a worker's placement-group bundle, e.g. {"keel_rollout": 0.001}); None while the worker can come back."""
+    lost = next((n for n in nodes if n["NodeID"] == node_id and not n["Alive"]), None)
+    if lost is None or any(n["Alive"] and all(n["Resources"].get(k, 0.0) >= v for k, v in need.items())
+                           for n in nodes):
+        return None
+    return (f"Ray node {lost['NodeID']} ({lost['NodeManagerAddress']}) was lost, and no alive node has what the "
+            f"worker needs ({need}): start a node with those resources (or bring that one back) and resume the "
+            "run from its last checkpoint")
 
 
 class WorkerWeightSyncClient:

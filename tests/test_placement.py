@@ -98,3 +98,18 @@ def test_batch_not_divisible_by_the_ranks_and_the_config_error_names_both():
     message = str(info.value)
     assert "batch of 8 rows" in message and "trainer.num_ranks=3" in message
     assert "trainer rank 2 needs 1 CPU" in message
+
+
+def test_a_lost_rollout_node_stops_the_run_only_when_no_alive_node_can_hold_the_worker():
+    from rollout.client import lost_node
+
+    need = {"keel_rollout": LABEL_UNITS}
+    trainer = {"NodeID": "t", "NodeManagerAddress": "10.0.0.1", "Alive": True, "Resources": {"keel_trainer": 1.0}}
+    dead = {"NodeID": "r1", "NodeManagerAddress": "10.0.0.2", "Alive": False, "Resources": {"keel_rollout": 1.0}}
+    spare = {"NodeID": "r2", "NodeManagerAddress": "10.0.0.3", "Alive": True, "Resources": {"keel_rollout": 1.0}}
+    problem = lost_node([trainer, dead], "r1", need)
+    assert problem.startswith("Ray node r1 (10.0.0.2) was lost, and no alive node has what the worker needs "
+                              "({'keel_rollout': 0.001})")
+    assert lost_node([trainer, dead, spare], "r1", need) is None  # Ray restarts the worker on the spare node
+    assert lost_node([trainer, dead], "r1", {}) is None  # unplaced: any alive node can take it
+    assert lost_node([trainer, {**dead, "Alive": True}], "r1", need) is None  # not lost (yet)
