@@ -20,12 +20,14 @@ AGENT = Path(__file__).parent.parent / "configs" / "agent.yaml"
 def test_agent_config_loads_and_bad_values_name_their_key():
     cfg = load_config(AGENT)
     assert cfg.agent.enabled and cfg.agent.max_total_tokens <= cfg.rollout.engine.max_model_len
+    assert cfg.agent.schedule == "independent"
     for override, match in [
         ("agent.environment=chess", r"agent.environment='chess'"),
         ("agent.difficulty=5", r"agent.difficulty=5"),
         ("agent.context_strategy=forget", r"agent.context_strategy='forget'"),
         ("agent.max_total_tokens=4096", r"agent.max_total_tokens=4096 exceeds rollout.engine.max_model_len"),
         ("agent.template=chatml", r"agent.template='chatml'"),
+        ("agent.schedule=async", r"agent.schedule='async': choose one of \['independent', 'rounds'\]"),
     ]:
         with pytest.raises(ConfigError, match=match):
             load_config(AGENT, [override])

@@ -7,6 +7,8 @@
 - `environments`: synthesized, verifiable environments (search, planner, codefix).
 - `loop`: multi-turn rollouts (`run_episodes`): many episodes in flight against the rollout engines,
   one RolloutBatch row per episode with a loss mask on the model's own tokens.
+- `episode`: one episode's token stream and steps; `schedule`: when each episode is served (independently by
+  default: an episode's tool calls run while the engine decodes the others' turns; or in synchronous rounds).
 - `summary`: `ModelSummarizer` has the policy write the summaries of the "summary" strategy.
 - `tokens`: text to ids and back, a template's stop tokens, one turn's sampling, the context budget.
 - `environments.oracles`: scripted solvers that play an environment to a verified answer
