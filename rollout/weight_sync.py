@@ -30,8 +30,9 @@ The CUDA path (`NcclWeightSender`, written against vLLM 0.32's weight-transfer A
 rank 0 holds vLLM's `NCCLTrainerWeightTransferEngine`, joined in one NCCL group with every rollout worker's engine
 ranks (worker i's ranks start at `worker_rank_offsets`), and drives vLLM's four-call handshake through
 `rollout.client.WorkerWeightSyncClient`. The weights stream as a `BucketStream`: the same HF names as the CPU
-path, cast to the engine's dtype one bucket at a time (`plan_buckets`, at most `bucket_bytes` per bucket, which
-is also vLLM's packed-broadcast buffer size), so the trainer never holds a second copy of the whole model.
+path, cast to the engine's dtype one bucket at a time (at most `bucket_bytes` of fp32 per bucket; the same
+size is vLLM's packed-broadcast buffer), so the trainer never holds a second copy of the whole model; under
+ZeRO-3 each bucket is gathered as it goes, every trainer rank taking part.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,30 +284,6 @@ def wire_dtype(engine_dtype: str) -> torch.dtype:
     return WIRE_DTYPES[engine_dtype]
 
 
-def plan_buckets(named_shapes_dtypes: Iterable[tuple[str, Sequence[int], torch.dtype]],
-                 bucket_bytes: int) -> list[list[str]]:
-    """Names grouped, in order, into buckets of at most `bucket_bytes` (shape x dtype size, the wire size).
-
-    A tensor larger than `bucket_bytes` is a bucket of its own; no bucket is empty; concatenated, the buckets
-    are the input names in their order (the order vLLM's receiver is told, `BucketStream.metadata`).
-    """
-    if bucket_bytes < 1:
-        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
-    buckets: list[list[str]] = []
-    current: list[str] = []
-    size = 0
-    for name, shape, dtype in named_shapes_dtypes:
-        n = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
-        if current and size + n > bucket_bytes:
-            buckets.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += n
-    if current:
-        buckets.append(current)
-    return buckets
-
-
 def worker_rank_offsets(num_workers: int, ranks_per_worker: int) -> list[int]:
     """Each rollout worker's first rank in the NCCL weight-sync group: rank 0 is trainer rank 0, then each worker's
     engine ranks (tensor parallel) in turn. vLLM numbers an engine's ranks from its `rank_offset` by its own
@@ -316,28 +293,26 @@ def worker_rank_offsets(num_workers: int, ranks_per_worker: int) -> list[int]:
 
 class BucketStream:
     """The trainer's weights as vLLM's trainer engine reads a `WeightSource`: `metadata()` (name, wire dtype,
-    shape, in bucket order) and a fresh pass per iteration, materializing one bucket of cast copies at a time.
+    shape, in stream order) and a fresh pass per iteration, casting one bucket at a time to the wire dtype.
 
-    `tensors`: called at each pass for the current {HF name: tensor} (e.g. the model's state_dict; on ZeRO-1/2
-    every rank holds whole parameters, so no gather is needed). Duck-typed: vLLM's engine only calls these two.
+    `shapes()`: [(HF name, shape)] in stream order, read without materializing any weight; `buckets()`: a fresh
+    pass of [(name, tensor)] lists in that order, one bucket alive at a time (trainer.sharding.weight_stream:
+    under ZeRO-3 each bucket is gathered while every other trainer rank iterates along). Duck-typed: vLLM's
+    engine only calls `metadata` and `__iter__`.
     """
 
-    def __init__(self, tensors: Callable[[], dict[str, torch.Tensor]], dtype: torch.dtype, bucket_bytes: int):
-        self.tensors, self.dtype, self.bucket_bytes = tensors, dtype, bucket_bytes
-
-    def plan(self, named: dict[str, torch.Tensor]) -> list[list[str]]:
-        return plan_buckets(((n, tuple(t.shape), self.dtype) for n, t in named.items()), self.bucket_bytes)
+    def __init__(self, shapes: Callable[[], list[tuple[str, tuple[int, ...]]]],
+                 buckets: Callable[[], Iterator[list[tuple[str, torch.Tensor]]]], dtype: torch.dtype):
+        self.shapes, self.buckets, self.dtype = shapes, buckets, dtype
 
     def metadata(self) -> list:
         from vllm.distributed.weight_transfer.base import ParamMeta
 
-        named = self.tensors()
-        return [ParamMeta(n, self.dtype, tuple(named[n].shape)) for bucket in self.plan(named) for n in bucket]
+        return [ParamMeta(n, self.dtype, tuple(shape)) for n, shape in self.shapes()]
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        named = self.tensors()
-        for bucket in self.plan(named):
-            cast = [(n, named[n].detach().to(self.dtype).contiguous()) for n in bucket]
+        for bucket in self.buckets():
+            cast = [(n, t.detach().to(self.dtype).contiguous()) for n, t in bucket]
             yield from cast
             del cast
 
@@ -351,18 +326,21 @@ class NcclWeightSender:
     Needs CUDA and vLLM's CUDA build; written against vLLM 0.32's API and not yet run on a GPU.
     """
 
-    def __init__(self, client: Any, tensors: Callable[[], dict[str, torch.Tensor]], engine_dtype: str,
-                 bucket_bytes: int, world_size: int, master_address: str, master_port: int) -> None:
+    def __init__(self, client: Any, stream: BucketStream, bucket_bytes: int, world_size: int) -> None:
         if not torch.cuda.is_available():
             raise RuntimeError("NCCL weight sync needs CUDA on trainer rank 0; on CPU the trainer publishes a "
                                "safetensors file (publish_weights)")
+        import ray
         from vllm.distributed.weight_transfer.nccl_engine import (
             NCCLTrainerInitInfo,
             NCCLTrainerWeightTransferEngine,
         )
 
-        self.client = client
-        self.stream = BucketStream(tensors, wire_dtype(engine_dtype), bucket_bytes)
+        self.client, self.stream = client, stream
+        with socket.socket() as s:  # the group's rendezvous: this process's node, a free port
+            s.bind(("", 0))
+            master_port = s.getsockname()[1]
+        master_address = ray.util.get_node_ip_address()
         info = NCCLTrainerInitInfo(master_address=master_address, master_port=master_port, world_size=world_size,
                                    rank=0, packed=True, packed_buffer_size_bytes=bucket_bytes)
         self.engine = NCCLTrainerWeightTransferEngine.trainer_init(info, client=client, source=self.stream)

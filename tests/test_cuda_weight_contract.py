@@ -52,6 +52,7 @@ def _probe(checkpoint: str, engine_dtype: str, bucket_bytes: int, corrupt: list[
     from vllm.v1.worker.workspace import init_workspace_manager
 
     from rl.model.checkpoint import load_model
+    from trainer import sharding
 
     # The served directory, as the CUDA rollout worker builds it.
     view = serving.ServingView(checkpoint, cuda=True, root=tempfile.mkdtemp())
@@ -101,7 +102,7 @@ def _probe(checkpoint: str, engine_dtype: str, bucket_bytes: int, corrupt: list[
 
         # The trainer's side: keel's model, its stream as the NCCL sender declares it.
         keel = load_model(checkpoint)
-        stream = weight_sync.BucketStream(keel.state_dict, dtype, bucket_bytes)
+        stream = sharding.weight_stream(keel, dtype, bucket_bytes)
         meta = stream.metadata()
         info = NCCLWeightTransferUpdateInfo(names=[m.name for m in meta],
                                             dtype_names=[str(m.dtype).split(".")[-1] for m in meta],
@@ -124,8 +125,8 @@ def _probe(checkpoint: str, engine_dtype: str, bucket_bytes: int, corrupt: list[
             loaded: set[str] = set()
             error = None
             try:
-                for bucket in stream.plan(keel.state_dict()):
-                    loaded |= set(model.load_weights(received(bucket)))
+                for bucket in stream.buckets():
+                    loaded |= set(model.load_weights(received([n for n, _ in bucket])))
             except Exception as e:  # noqa: BLE001 - reported to the test
                 error = f"{type(e).__name__}: {e}"
             sizes = {n: p.numel() for n, p in model.named_parameters()}
@@ -146,7 +147,7 @@ def _probe(checkpoint: str, engine_dtype: str, bucket_bytes: int, corrupt: list[
     view.cleanup()
     return {**result, "params": params, "names": info.names, "dtype_names": info.dtype_names, "sent": sent,
             "refused": refused,
-            "buckets": len(stream.plan(keel.state_dict())), "model_class": type(model).__module__}
+            "buckets": len(list(stream.buckets())), "model_class": type(model).__module__}
 
 
 def run_probe(checkpoint: str, engine_dtype: str, bucket_bytes: int, corrupt: list[str]) -> dict:

@@ -138,29 +138,25 @@ def test_requests_past_index_topk_are_served_up_to_max_model_len(checkpoint):
     assert not serving.serves_sparse(facts, 512, cuda=True)  # vLLM's native DSA
 
 
-def test_buckets_are_bounded_ordered_and_complete():
-    f32, bf16 = torch.float32, torch.bfloat16
-    named = [("a", (4, 4), f32), ("b", (8,), f32), ("c", (2, 2), f32), ("d", (100,), f32), ("e", (3,), bf16)]
-    # 64 + 32 bytes fit 100; c (16) would not; d (400) is over the bound and goes alone; e (6) after it.
-    assert weight_sync.plan_buckets(named, 100) == [["a", "b"], ["c"], ["d"], ["e"]]
-    assert weight_sync.plan_buckets(named, 1 << 20) == [["a", "b", "c", "d", "e"]]
-    assert weight_sync.plan_buckets(named, 1) == [[n] for n, _, _ in named]
-    assert weight_sync.plan_buckets([], 100) == []
-    with pytest.raises(ValueError, match="bucket_bytes"):
-        weight_sync.plan_buckets(named, 0)
-    # In bf16 the same shapes take half the bytes: the wire dtype decides.
-    assert weight_sync.plan_buckets([(n, s, bf16) for n, s, _ in named[:3]], 48) == [["a", "b"], ["c"]]
+def test_weight_stream_casts_one_bucket_at_a_time_in_metadata_order():
+    from torch import nn
 
+    from trainer import sharding
 
-def test_bucket_stream_casts_one_bucket_at_a_time_in_metadata_order():
-    tensors = {"x": torch.ones(4, 4), "y": torch.arange(8.0), "z": torch.ones(2, 2, dtype=torch.float64).t()}
-    stream = weight_sync.BucketStream(lambda: tensors, torch.bfloat16, 40)
-    assert stream.plan(tensors) == [["x"], ["y", "z"]]
+    model = nn.Module()
+    model.x = nn.Parameter(torch.ones(4, 4))  # 64 B of fp32 (buckets count fp32 bytes): with y at 100 B
+    model.y = nn.Parameter(torch.arange(8.0))  # 32 B
+    model.register_buffer("z", torch.ones(2, 2, dtype=torch.float64).t())  # 16 B more: a bucket of its own
+    stream = sharding.weight_stream(model, torch.bfloat16, 100)
+    assert [[n for n, _ in b] for b in stream.buckets()] == [["x", "y"], ["z"]]
+    assert stream.shapes() == [("x", (4, 4)), ("y", (8,)), ("z", (2, 2))]  # the order vLLM's receiver is told
     sent = list(stream)
     assert [n for n, _ in sent] == ["x", "y", "z"]
     assert all(t.dtype == torch.bfloat16 and t.is_contiguous() for _, t in sent)
-    assert torch.equal(sent[1][1].float(), tensors["y"]) and sent[2][1].shape == (2, 2)
+    assert torch.equal(sent[1][1].float(), model.y.detach()) and sent[2][1].shape == (2, 2)
     assert [n for n, _ in stream] == ["x", "y", "z"]  # a fresh pass each time
+    assert [[n for n, _ in b] for b in sharding.weight_stream(model, torch.bfloat16, 1).buckets()] == [
+        ["x"], ["y"], ["z"]]  # a tensor over the bound goes alone
     assert weight_sync.wire_dtype("bfloat16") == torch.bfloat16
     with pytest.raises(ValueError, match="engine dtype"):
         weight_sync.wire_dtype("auto")
@@ -183,7 +179,7 @@ def test_each_rollout_worker_gets_its_own_nccl_ranks():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_nccl_weight_sender_needs_cuda():
     with pytest.raises(RuntimeError, match="needs CUDA"):
-        weight_sync.NcclWeightSender(None, dict, "bfloat16", 1 << 20, 2, "127.0.0.1", 1)
+        weight_sync.NcclWeightSender(None, None, 1 << 20, 2)
 
 
 def test_published_weights_round_trip_and_are_checked(checkpoint, tmp_path):

@@ -192,7 +192,7 @@ def test_sft_after_grpo_moves_every_group_by_its_own_learning_rate(setup):
 # ---- two ranks --------------------------------------------------------------------------------------------
 
 
-def _rank_main(rank: int, world: int, port: int, checkpoint: str, zero_stage: int, out: str) -> None:
+def _rank_main(rank: int, port: int, world: int, checkpoint: str, zero_stage: int, out: str) -> None:
     from trainer.worker import TrainerWorker
 
     torch.set_num_threads(1)
@@ -210,17 +210,22 @@ def _rank_main(rank: int, world: int, port: int, checkpoint: str, zero_stage: in
     w.shutdown()
 
 
-def _run_ranks(world: int, checkpoint: Path, zero_stage: int, out: Path) -> list[dict]:
+def spawn_ranks(target, world: int, args: tuple, out: Path, timeout: float = 600) -> list[dict]:
+    """Run target(rank, port, *args) in `world` spawned processes (one gloo group on a free port); each rank
+    writes out/rank{r}.pt. Returns what they wrote, after asserting that every rank exited cleanly."""
     ctx = multiprocessing.get_context("spawn")
     port = _port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(checkpoint), zero_stage, str(out)))
-             for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, port, *args)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=300)
+        p.join(timeout=timeout)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _run_ranks(world: int, checkpoint: Path, zero_stage: int, out: Path) -> list[dict]:
+    return spawn_ranks(_rank_main, world, (world, str(checkpoint), zero_stage, str(out)), out, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,17 @@ transformers. The ranks run once per stage (the `runs` fixture); each test check
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 from pathlib import Path
 
 import pytest
 import torch
 from test_trainer import GRPO, TRAINER, sampled_batch  # tests/ is on sys.path (pytest's rootdir-relative import)
-from test_trainer_optim import ADVANTAGES, LR, _initial_checkpoint, _port, _split
+from test_trainer_optim import ADVANTAGES, LR, _initial_checkpoint, _split, spawn_ranks
 from transformers import DeepseekV32Config
 
 from rl.model.checkpoint import build_model, load_model
 from rl.model.presets import preset
+from trainer import sharding
 
 pytestmark = pytest.mark.slow
 
@@ -90,27 +90,26 @@ def _rank_main(rank: int, port: int, checkpoint: str, zero_stage: int, out: str)
         from safetensors.torch import load_file
 
         published = {"tensors": load_file(handle.path), "shapes": handle.shapes}
+    # CUDA weight sync's stream, without the NCCL broadcast: rank 0 iterates what vLLM's sender would send while the
+    # other rank gathers along; 4 KB buckets, so the tiny model takes many gathers.
+    streamed = None
+    if rank == 0:
+        stream = sharding.weight_stream(w.model, torch.bfloat16, 4096)
+        streamed = {"shapes": stream.shapes(), "tensors": {n: t.clone() for n, t in stream}}
+    else:
+        sharding.follow_weight_stream(w.model, 4096)
     went_on = [(w.grpo_step(shards[1]), w.state_dict()), (w.grpo_step(shards[2]), w.state_dict())]
     w.load_optimizer(f"{out}/ckpt")
     resumed = [(w.grpo_step(shards[1]), w.state_dict()), (w.grpo_step(shards[2]), w.state_dict())]
     torch.save({"first": first, "grads": grads, "after_first": after_first, "went_on": went_on,
                 "resumed": resumed, "local_numel": local,
-                "published": published}, f"{out}/rank{rank}.pt")
+                "published": published, "streamed": streamed}, f"{out}/rank{rank}.pt")
     w.shutdown()
 
 
 def _run(checkpoint: Path, zero_stage: int, out: Path) -> list[dict]:
     out.mkdir()
-    ctx = multiprocessing.get_context("spawn")
-    port = _port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, str(checkpoint), zero_stage, str(out)))
-             for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=600)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_rank_main, WORLD, (str(checkpoint), zero_stage, str(out)), out)
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +125,17 @@ def test_zero3_shards_every_parameter(runs):
     (r0, r1), whole = runs[3], runs[3][0]["after_first"]
     for name, n in r0["local_numel"].items():
         assert n == r1["local_numel"][name] == -(-whole[name].numel() // WORLD), name
+
+
+def test_zero3_weight_stream_gathers_each_bucket(runs):
+    """The stream the CUDA weight sync sends (trainer.sharding.weight_stream) under ZeRO-3, rank 0 sending while
+    rank 1 gathers along: every tensor whole, in the announced names, order and shapes, cast to the wire dtype."""
+    r0 = runs[3][0]
+    streamed, whole = r0["streamed"], r0["after_first"]  # no update between the two
+    assert [n for n, _ in streamed["shapes"]] == list(streamed["tensors"]) == list(whole)
+    for name, shape in streamed["shapes"]:
+        assert tuple(whole[name].shape) == shape, name
+        assert torch.equal(streamed["tensors"][name], whole[name].to(torch.bfloat16)), name
 
 
 def test_zero3_step_equals_zero1(runs):

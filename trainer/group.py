@@ -165,14 +165,18 @@ class TrainerGroup:
         return self._rank0("publish_weights", version, file, blob)
 
     def open_weight_sync(self, client, world_size: int, engine_dtype: str, bucket_mb: int) -> None:
-        """CUDA: rank 0 joins the NCCL weight-sync group with the rollout workers (TrainerWorker.open_weight_sync)."""
-        self._get([self.workers[0].open_weight_sync.remote(client, world_size, engine_dtype, bucket_mb)],
+        """CUDA: rank 0 joins the NCCL weight-sync group with the rollout workers (TrainerWorker.open_weight_sync);
+        under ZeRO-3 every rank is called (they gather each bucket along)."""
+        workers = self.workers if self.zero3 else self.workers[:1]
+        self._get([w.open_weight_sync.remote(client, world_size, engine_dtype, bucket_mb) for w in workers],
                   "open_weight_sync")
         self.weight_sync_open = True
 
     def send_weights(self, version: int) -> None:
-        """CUDA: rank 0 broadcasts the current weights to the rollout engines over NCCL."""
-        self._get([self.workers[0].send_weights.remote(version)], "send_weights")
+        """CUDA: rank 0 broadcasts the current weights to the rollout engines over NCCL (under ZeRO-3 the other
+        ranks gather along)."""
+        workers = self.workers if self.zero3 else self.workers[:1]
+        self._get([w.send_weights.remote(version) for w in workers], "send_weights")
 
     def save(self, directory: str, tokenizer_dir: str | None = None) -> None:
         self._get([w.save.remote(directory, tokenizer_dir) for w in self.workers], "save")

@@ -104,6 +104,26 @@ def weight_buckets(model: nn.Module, bucket_bytes: int, keep: bool) -> Iterator[
         bucket, size = [], 0
 
 
+def full_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """[(name, whole shape)] of the model's state in state_dict order (what `weight_buckets` yields), read from
+    ZeRO-3's metadata without a gather."""
+    tensors, names = _state(model)
+    return [(n, tuple(tensors[n].ds_shape if is_sharded(tensors[n]) else tensors[n].shape)) for n in names]
+
+
+def weight_stream(model: nn.Module, dtype: torch.dtype, bucket_bytes: int) -> weight_sync.BucketStream:
+    """Rank 0's weights as the CUDA weight sync streams them (`weight_sync.BucketStream`): `weight_buckets` cast to
+    the wire dtype; under ZeRO-3 every other rank runs `follow_weight_stream` at the same time."""
+    return weight_sync.BucketStream(lambda: full_shapes(model), lambda: weight_buckets(model, bucket_bytes, True),
+                                    dtype)
+
+
+def follow_weight_stream(model: nn.Module, bucket_bytes: int) -> None:
+    """A rank other than 0 under ZeRO-3, while rank 0 sends a `weight_stream`: the same gathers, nothing kept."""
+    for _ in weight_buckets(model, bucket_bytes, keep=False):
+        pass
+
+
 def gathered_state(model: nn.Module, keep: bool, bucket_bytes: int = 256 << 20) -> dict[str, torch.Tensor] | None:
     """The whole state as one {name: fp32 CPU tensor} on the rank that `keep`s it (None elsewhere); every rank
     must call it together under ZeRO-3."""
@@ -116,8 +136,8 @@ def write_safetensors(model: nn.Module, path: str | None, bucket_bytes: int = 25
     """The whole state as one fp32 safetensors file at `path`, written bucket by bucket: names, shapes and offsets
     are known before any gather, so the header goes first and the writer never holds more than one bucket.
     Every rank calls it together (the gathers); only the one with a `path` writes. Returns {name: shape}."""
-    tensors, names = _state(model)
-    shapes = {n: tuple(tensors[n].ds_shape if is_sharded(tensors[n]) else tensors[n].shape) for n in names}
+    shapes = dict(full_shapes(model))
+    names = list(shapes)
     out = None
     if path is not None:
         header, offset = {}, 0

@@ -15,7 +15,6 @@ a GPU yet). ZeRO-1/2/3 (trainer.sharding): under ZeRO-3 the calls that read whol
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -113,6 +112,7 @@ class TrainerWorker:
         self.steps_done = 0
         self.published: weight_sync.WeightHandle | None = None  # rank 0: the latest version it published
         self.sender: weight_sync.NcclWeightSender | None = None  # rank 0, CUDA: the NCCL weight-sync endpoint
+        self.bucket_bytes = 0  # of the CUDA weight sync, once open (every rank under ZeRO-3)
 
     def ping(self) -> int:
         return self.rank
@@ -318,30 +318,29 @@ class TrainerWorker:
         return handle
 
     def open_weight_sync(self, client, world_size: int, engine_dtype: str, bucket_mb: int) -> None:
-        """Rank 0, CUDA: join the NCCL weight-sync group with the rollout workers (`client`: their
+        """CUDA: rank 0 joins the NCCL weight-sync group with the rollout workers (`client`: their
         `WorkerWeightSyncClient`; `world_size`: 1 + their engine ranks). Weights then go out with `send_weights`,
-        streamed in buckets of at most `bucket_mb` MB cast to `engine_dtype`. Not yet run on a GPU."""
-        if self.rank != 0:
-            raise RuntimeError("only trainer rank 0 sends weights")
-        if self.sender is not None:
+        streamed in buckets of at most `bucket_mb` MB cast to `engine_dtype` (`sharding.weight_stream`); under
+        ZeRO-3 every rank is called, and the others take part in each bucket's gather. Not yet run on a GPU."""
+        if self.sender is not None or self.bucket_bytes:
             raise RuntimeError("the NCCL weight-sync group is open already")
-        if self.zero3:
-            raise NotImplementedError("NCCL weight sync under trainer.zero_stage=3 (a gather per bucket on every "
-                                      "rank while rank 0 broadcasts) is not written yet; use zero_stage 1 or 2")
-        import ray
-
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        self.sender = weight_sync.NcclWeightSender(
-            client, lambda: self.model.state_dict(), engine_dtype, bucket_mb << 20, world_size,
-            ray.util.get_node_ip_address(), port)
+        self.bucket_bytes = bucket_mb << 20
+        if self.rank != 0:
+            if not self.zero3:
+                raise RuntimeError("only trainer rank 0 sends weights (every rank takes part under ZeRO-3)")
+            return
+        stream = sharding.weight_stream(self.model, weight_sync.wire_dtype(engine_dtype), self.bucket_bytes)
+        self.sender = weight_sync.NcclWeightSender(client, stream, self.bucket_bytes, world_size)
 
     def send_weights(self, version: int) -> None:
-        """Rank 0, CUDA: broadcast the current weights to every rollout engine over NCCL (`open_weight_sync`)."""
-        if self.sender is None:
+        """CUDA: rank 0 broadcasts the current weights to every rollout engine over NCCL (`open_weight_sync`);
+        under ZeRO-3 the other ranks gather along."""
+        if not self.bucket_bytes:
             raise RuntimeError("send_weights before open_weight_sync")
-        self.sender.send(version)
+        if self.sender is None:
+            sharding.follow_weight_stream(self.model, self.bucket_bytes)
+        else:
+            self.sender.send(version)
 
     def export(self, directory: str, tokenizer_dir: str | None = None) -> None:
         """Rank 0: the weights as an HF checkpoint in `directory` (with the tokenizer of `tokenizer_dir`); under

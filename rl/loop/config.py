@@ -276,11 +276,6 @@ def _problems(cfg: DictConfig) -> list[str]:
         problems.append(f"prompts_per_step * group_size = {batch} is not divisible by trainer.num_ranks")
     if cfg.trainer.zero_stage not in (0, 1, 2, 3):
         problems.append(f"trainer.zero_stage={cfg.trainer.zero_stage} must be 0, 1, 2 or 3")
-    elif cfg.trainer.zero_stage == 3 and cfg.trainer.gpus_per_rank:
-        # CUDA weight sync broadcasts from rank 0 over NCCL; under ZeRO-3 every rank would have to gather each
-        # bucket with it, which trainer.worker does not do yet (the CPU transports gather per bucket).
-        problems.append("trainer.zero_stage=3 with GPU ranks: NCCL weight sync under ZeRO-3 is not written yet; "
-                        "use zero_stage 1 or 2 on GPUs")
     if not cfg.rewards:
         problems.append("rewards: name at least one reward")
     problems += _data_problems(cfg)
