@@ -172,16 +172,16 @@ def reserve(plan: PlacementPlan, timeout_s: float = 120.0) -> Reserved:
 
     n, engines = len(plan.trainer), [b for b in plan.rollout if b]
     if plan.colocate:
-        pg = placement_group(plan.trainer + engines, strategy="STRICT_PACK", name="keel-colocated")
+        pg = placement_group(plan.trainer + engines, strategy="STRICT_PACK")
         rollout = list(range(n, n + len(engines))) if engines else [0] * len(plan.rollout)
         made = [("the colocated group", pg)]
         reserved = Reserved((pg, list(range(n))), (pg, rollout), [pg])
     else:
-        trainer_pg = placement_group(plan.trainer, strategy=plan.trainer_strategy, name="keel-trainer")
+        trainer_pg = placement_group(plan.trainer, strategy=plan.trainer_strategy)
         made = [("the trainer ranks' group", trainer_pg)]
         rollout_pg = None
         if engines:
-            rollout_pg = placement_group(engines, strategy=plan.rollout_strategy, name="keel-rollout")
+            rollout_pg = placement_group(engines, strategy=plan.rollout_strategy)
             made.append(("the rollout engines' group", rollout_pg))
         reserved = Reserved((trainer_pg, list(range(n))),
                             (rollout_pg, list(range(len(engines)))) if rollout_pg else None, [pg for _, pg in made])
