@@ -467,7 +467,8 @@ def test_the_summary_strategy_restarts_from_the_task_and_a_summary():
 
 # Episode 0's tool calls take SLOW_TOOL_S, the others' answer at once. With these environments and seed the tiny
 # model calls the tool in episode 0 (twice) and in a few others (once): those take their second turns meanwhile.
-SLOW, SLOW_TOOL_S = (0,), 2.0
+# The engine waits for a running tool at most as long as its last call took, so SLOW_TOOL_S is well over two calls.
+SLOW, SLOW_TOOL_S = (0,), 5.0
 SCHEDULED = list(range(1, 11))
 
 

@@ -41,7 +41,9 @@ class KeyedWorker(WorkerLike):
 ])
 def test_a_slow_tool_holds_up_only_its_own_episode(schedule, calls):
     envs = [LookupEnv(s) for s in range(4)]
-    envs[0].tool_latency = lambda: 0.5  # the others' tools answer at once, well within the engine's gather time
+    # The others' tools answer at once, within the engine's least wait; this one takes far longer than a call of
+    # the stand-in engine (milliseconds), which bounds how long the engine waits for it.
+    envs[0].tool_latency = lambda: 2.0
     engine = KeyedWorker(len(envs))
     batch, metrics = run_episodes(engine, envs, TEMPLATE, TOKENIZER, {"max_tokens": 24}, max_turns=3,
                                   max_total_tokens=400, schedule=schedule)

