@@ -322,25 +322,24 @@ class TrainerWorker:
         `WorkerWeightSyncClient`; `world_size`: 1 + their engine ranks). Weights then go out with `send_weights`,
         streamed in buckets of at most `bucket_mb` MB cast to `engine_dtype` (`sharding.weight_stream`); under
         ZeRO-3 every rank is called, and the others take part in each bucket's gather. Not yet run on a GPU."""
-        if self.sender is not None or self.bucket_bytes:
+        if self.bucket_bytes:
             raise RuntimeError("the NCCL weight-sync group is open already")
-        self.bucket_bytes = bucket_mb << 20
-        if self.rank != 0:
-            if not self.zero3:
-                raise RuntimeError("only trainer rank 0 sends weights (every rank takes part under ZeRO-3)")
-            return
-        stream = sharding.weight_stream(self.model, weight_sync.wire_dtype(engine_dtype), self.bucket_bytes)
-        self.sender = weight_sync.NcclWeightSender(client, stream, self.bucket_bytes, world_size)
+        if self.rank == 0:
+            stream = sharding.weight_stream(self.model, weight_sync.wire_dtype(engine_dtype), bucket_mb << 20)
+            self.sender = weight_sync.NcclWeightSender(client, stream, bucket_mb << 20, world_size)
+        elif not self.zero3:
+            raise RuntimeError("only trainer rank 0 sends weights (every rank takes part under ZeRO-3)")
+        self.bucket_bytes = bucket_mb << 20  # open
 
     def send_weights(self, version: int) -> None:
         """CUDA: rank 0 broadcasts the current weights to every rollout engine over NCCL (`open_weight_sync`);
         under ZeRO-3 the other ranks gather along."""
         if not self.bucket_bytes:
             raise RuntimeError("send_weights before open_weight_sync")
-        if self.sender is None:
-            sharding.follow_weight_stream(self.model, self.bucket_bytes)
-        else:
+        if self.rank == 0:
             self.sender.send(version)
+        else:
+            sharding.follow_weight_stream(self.model, self.bucket_bytes)
 
     def export(self, directory: str, tokenizer_dir: str | None = None) -> None:
         """Rank 0: the weights as an HF checkpoint in `directory` (with the tokenizer of `tokenizer_dir`); under
