@@ -34,6 +34,7 @@ def test_step_mismatch_logs_each_layer_and_the_logp_distribution() -> None:
     assert (m["mismatch/routing_layer_0"], m["mismatch/routing_layer_1"]) == (1.0, 0.5)
     assert m["routing_agreement"] == pytest.approx(0.75)  # 3 of the 4 (token, layer) expert sets agree
     assert m["mismatch/logp_max"] == pytest.approx(0.5) and "mismatch/logp_mean" not in m
+    assert m["logp_mismatch_first"] == pytest.approx(0.25)
     unrouted = step_mismatch(torch.tensor([0.0]), torch.tensor([0.0]))
     assert math.isnan(unrouted["routing_agreement"]) and not any("routing_layer" in k for k in unrouted)
 

@@ -176,7 +176,6 @@ class TrainerWorker:
                                                    index_selection=data.index_selection,
                                                    follow_selection=g.keep_indexer_selection)
             counted = data.response_mask > 0
-            mismatch = (logp0 - data.old_logp).abs()[counted].mean().item() if counted.any() else 0.0
             routed = data.routing is not None and free.routing is not None
             mismatch_metrics = step_mismatch(data.old_logp[counted], logp0[counted],
                                              data.routing[valid] if routed else None,
@@ -222,7 +221,6 @@ class TrainerWorker:
                 "skipped_minibatches": float(skipped),
                 "indexer_agreement": (free.indexer_agreement.item() if free.indexer_agreement is not None
                                       else float("nan")),
-                "logp_mismatch_first": mismatch,
                 "entropy": entropy0[counted].mean().item() if counted.any() else 0.0,
                 "trained_tokens": float(counted.sum().item()),
                 **mismatch_metrics,

@@ -84,11 +84,10 @@ def offpolicy_fraction(engine_logp: torch.Tensor, trainer_logp: torch.Tensor, ma
 def step_mismatch(engine_logp: torch.Tensor, trainer_logp: torch.Tensor, engine_routing: torch.Tensor | None = None,
                   trainer_routing: torch.Tensor | None = None) -> dict[str, float]:
     """A GRPO step's mismatch metrics, from the counted tokens' log-probs (1-D) and, when recorded, the fed tokens'
-    routing ([M, L, k] each): `routing_agreement` (the mean over MoE layers; nan without routing),
-    `mismatch/routing_layer_{l}`, and `mismatch/logp_{p50,p90,p99,max,kl_k1,kl_k3}` (its mean is the trainer's
-    `logp_mismatch_first`)."""
-    metrics = {f"mismatch/logp_{k}": v for k, v in logp_mismatch_distribution(engine_logp, trainer_logp).items()
-               if k != "mean"}
+    routing ([M, L, k] each): `logp_mismatch_first` (the mean |gap|), `mismatch/logp_{p50,p90,p99,max,kl_k1,kl_k3}`,
+    `routing_agreement` (the mean over MoE layers; nan without routing) and `mismatch/routing_layer_{l}`."""
+    gap = logp_mismatch_distribution(engine_logp, trainer_logp)
+    metrics = {"logp_mismatch_first": gap.pop("mean"), **{f"mismatch/logp_{k}": v for k, v in gap.items()}}
     metrics["routing_agreement"] = float("nan")
     if engine_routing is not None and trainer_routing is not None:
         layers = routing_agreement_per_layer(engine_routing, trainer_routing).tolist()
