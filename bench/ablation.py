@@ -5,6 +5,7 @@ top-k sampling), run with all four DeepSeek-V3.2 stabilisers on, each off in tur
     python bench/ablation.py --seeds 0 1 --steps 60 --json ablation.json --plot docs/ablation.png
     python bench/ablation.py --variants all_on fp32_engine     # fp32_engine: all on, no mismatch (the control)
     python bench/ablation.py --variants all_on stale stale_all_off   # stale: the engine one update behind
+    python bench/ablation.py --variants offpolicy offpolicy_all_off  # stale, and 8 optimiser steps per batch
     python bench/ablation.py --from-json a.json b.json --plot docs/ablation.png   # table and plot again, no runs
 
 Per seed S: one supervised warm start (`keel train CONFIG run.steps=0`, seed S), then every variant as a fresh
@@ -40,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rl.loop.metrics import collapsed, grad_norm_spikes, read_metrics  # noqa: E402
+from rl.loop.metrics import collapsed, grad_norm_spikes, paired_difference, read_metrics  # noqa: E402
 
 OFF = {
     "keep_routing": "grpo.keep_routing=false",
@@ -57,8 +58,15 @@ VARIANTS = {
     # docs/ASYNC.md), so pi_old is one update behind pi_theta, the gap the off-policy mask and the unbiased KL are for.
     "stale": ["rollout.max_staleness=1"],
     "stale_all_off": ["rollout.max_staleness=1", *OFF.values()],
+    # The far off-policy regime: stale weights and 8 optimiser steps per rollout batch (mini-batches of 32 of the
+    # 256 samples instead of 128), so the last mini-batch is trained by a policy 8 updates past the one that sampled it.
+    "offpolicy": ["rollout.max_staleness=1", "grpo.mini_batch_size=32"],
+    "offpolicy_all_off": ["rollout.max_staleness=1", "grpo.mini_batch_size=32", *OFF.values()],
 }
-DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("fp32_engine", "stale", "stale_all_off")]
+DEFAULT_VARIANTS = ["all_on", *(f"no_{name}" for name in OFF), "all_off"]
+# What each variant is compared with, seed by seed: the run that differs from it only in the switches it names.
+CONTROL = {"stale_all_off": "stale", "offpolicy_all_off": "offpolicy"}
+LATE_STEPS = 20  # the training reward of the last LATE_STEPS steps: 32 prompts x 8 samples each, 5120 in all
 
 
 def keel_command() -> list[str]:
@@ -143,14 +151,35 @@ def probe_runs(rows: list[dict], config: str, prompts_n: int) -> None:
         worker.shutdown()
 
 
+def late_reward(row: dict) -> float:
+    """The run's mean training reward over its last LATE_STEPS steps: far more samples than the held-out accuracy."""
+    return statistics.fmean(row["reward_curve"][-LATE_STEPS:])
+
+
+def paired_effects(rows: list[dict], variant: str) -> dict:
+    """The variant against its control (CONTROL, else all_on) on the seeds both ran: mean and standard error of the
+    per-seed differences in final held-out accuracy and in late training reward (`paired_difference`)."""
+    control = CONTROL.get(variant, "all_on")
+    by_seed = {r["seed"]: r for r in rows if r["variant"] == control}
+    pairs = [(r, by_seed[r["seed"]]) for r in rows if r["variant"] == variant and r["seed"] in by_seed]
+    if variant == control or not pairs:
+        return {}
+    acc = paired_difference([t["final_accuracy"] for t, _ in pairs], [c["final_accuracy"] for _, c in pairs])
+    reward = paired_difference([late_reward(t) for t, _ in pairs], [late_reward(c) for _, c in pairs])
+    return {"control": control, "pairs": len(pairs), "delta_final_accuracy": list(acc),
+            "delta_late_reward": list(reward)}
+
+
 def aggregate(rows: list[dict], variants: list[str]) -> dict[str, dict]:
-    """Per variant, over seeds: means of the figures, collapsed runs counted."""
+    """Per variant, over seeds: means of the figures, collapsed runs counted, the paired effect against its
+    control."""
     table = {}
     for v in variants:
         runs = [r for r in rows if r["variant"] == v]
         if not runs:
             continue
-        entry = {"seeds": len(runs), "collapsed": sum(r["collapsed"] for r in runs)}
+        entry = {"seeds": len(runs), "collapsed": sum(r["collapsed"] for r in runs),
+                 "late_reward": statistics.fmean(late_reward(r) for r in runs), **paired_effects(rows, v)}
         for key in ("accuracy_before", "final_accuracy", "best_accuracy", "logp_mismatch", "routing_agreement",
                     "masked_seq_frac", "grad_norm_spikes", "kl_ref"):
             entry[key] = statistics.fmean(r[key] for r in runs if r.get(key) is not None)
@@ -167,50 +196,64 @@ def aggregate(rows: list[dict], variants: list[str]) -> dict[str, dict]:
 
 
 def print_table(table: dict[str, dict]) -> None:
-    print(f"\n{'variant':<24} {'seeds':>5} {'acc before':>10} {'final acc':>15} {'best acc':>8} "
+    print(f"\n{'variant':<24} {'seeds':>5} {'acc before':>10} {'final acc':>15} {'best acc':>8} {'late rew':>8} "
           f"{'|dlogp|':>8} {'routing':>8} {'masked':>7} {'spikes':>6} {'collapsed':>9} {'probe KL':>9}")
     for v, e in table.items():
         lo, hi = e["final_accuracy_range"]
         kl = f"{e['probe_kl_k3']:.2e}" if "probe_kl_k3" in e else "-"
         print(f"{v:<24} {e['seeds']:>5} {e['accuracy_before']:>10.3f} {e['final_accuracy']:>6.3f} "
-              f"({lo:.2f}-{hi:.2f}) {e['best_accuracy']:>8.3f} {e['logp_mismatch']:>8.4f} "
+              f"({lo:.2f}-{hi:.2f}) {e['best_accuracy']:>8.3f} {e['late_reward']:>8.3f} {e['logp_mismatch']:>8.4f} "
               f"{e['routing_agreement']:>8.4f} {e['masked_seq_frac']:>7.4f} {e['grad_norm_spikes']:>6.1f} "
               f"{e['collapsed']:>4}/{e['seeds']:<4} {kl:>9}")
+    effects = {v: e for v, e in table.items() if "control" in e}
+    if effects:
+        print(f"\npaired over seeds (variant - control, seed by seed; +- one standard error; late reward: the last "
+              f"{LATE_STEPS} steps' training reward)")
+        print(f"{'variant':<24} {'control':<10} {'pairs':>5} {'d final acc':>18} {'d late reward':>18}")
+        for v, e in effects.items():
+            (da, sa), (dr, sr) = e["delta_final_accuracy"], e["delta_late_reward"]
+            print(f"{v:<24} {e['control']:<10} {e['pairs']:>5} {da:>+9.3f} +- {sa:<6.3f} {dr:>+9.3f} +- {sr:<6.3f}")
 
 
 def plot(rows: list[dict], variants: list[str], path: str) -> None:
-    """Training reward (10-step mean) and the trainer's first-forward mismatch over steps, mean over seeds."""
+    """Training reward (10-step mean) and the trainer's first-forward mismatch over steps, mean over seeds: the
+    default variants in the left column, and the stale-weights ones (if any ran) beside all_on in the right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
-    most = max(sum(r["variant"] == v for r in rows) for v in variants)
-    for v in variants:
-        runs = [r for r in rows if r["variant"] == v]
-        if not runs:
-            continue
-        if len(runs) < most:  # a mean over other seeds than the rest's: only its mismatch is comparable
-            n = min(len(r["mismatch_curve"]) for r in runs)
+    groups = [[v for v in variants if v in DEFAULT_VARIANTS or v == "fp32_engine"],
+              [v for v in variants if v == "all_on" or v not in DEFAULT_VARIANTS + ["fp32_engine"]]]
+    groups = [g for g in groups if g and g != ["all_on"]]
+    fig, axes = plt.subplots(2, len(groups), figsize=(8 * len(groups), 7), sharex=True, squeeze=False)
+    for (top, bottom), group in zip(axes.T, groups, strict=True):
+        most = max(sum(r["variant"] == v for r in rows) for v in group)
+        for v in group:
+            runs = [r for r in rows if r["variant"] == v]
+            if not runs:
+                continue
+            if len(runs) < most:  # a mean over other seeds than the rest's: only its mismatch is comparable
+                n = min(len(r["mismatch_curve"]) for r in runs)
+                gap = [statistics.fmean(r["mismatch_curve"][t] for r in runs) for t in range(n)]
+                bottom.plot(range(1, n + 1), gap, linestyle="--", label=f"{v} ({len(runs)} of {most} seeds)")
+                continue
+            n = min(len(r["reward_curve"]) for r in runs)
+            reward = [statistics.fmean(r["reward_curve"][t] for r in runs) for t in range(n)]
+            smooth = [statistics.fmean(reward[max(0, t - 9) : t + 1]) for t in range(n)]
             gap = [statistics.fmean(r["mismatch_curve"][t] for r in runs) for t in range(n)]
-            bottom.plot(range(1, n + 1), gap, linestyle="--", label=f"{v} ({len(runs)} of {most} seeds)")
-            continue
-        n = min(len(r["reward_curve"]) for r in runs)
-        reward = [statistics.fmean(r["reward_curve"][t] for r in runs) for t in range(n)]
-        smooth = [statistics.fmean(reward[max(0, t - 9) : t + 1]) for t in range(n)]
-        gap = [statistics.fmean(r["mismatch_curve"][t] for r in runs) for t in range(n)]
-        steps = list(range(1, n + 1))
-        (line,) = top.plot(steps, smooth, label=f"{v} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
-        bottom.plot(steps, gap, color=line.get_color(), label=v)
-    top.set_ylabel("training reward (10-step mean)")
-    bottom.set_ylabel("mean |log p_engine - log p_trainer|")
-    bottom.set_yscale("log")
-    bottom.set_xlabel("GRPO step")
-    top.legend(fontsize=8)
-    if bottom.get_legend_handles_labels()[0]:
-        bottom.legend(fontsize=8)
-    top.set_title("stabiliser ablation: bf16 engine, fp32 trainer (mean over seeds)")
+            steps = list(range(1, n + 1))
+            (line,) = top.plot(steps, smooth, label=f"{v} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+            bottom.plot(steps, gap, color=line.get_color(), label=v)
+        top.set_ylabel("training reward (10-step mean)")
+        bottom.set_ylabel("mean |log p_engine - log p_trainer|")
+        bottom.set_yscale("log")
+        bottom.set_xlabel("GRPO step")
+        top.legend(fontsize=8)
+        if bottom.get_legend_handles_labels()[0]:
+            bottom.legend(fontsize=8)
+        stale = any(v not in DEFAULT_VARIANTS + ["fp32_engine"] for v in group)
+        top.set_title("bf16 engine, fp32 trainer" + (", stale weights" if stale else "") + " (mean over seeds)")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

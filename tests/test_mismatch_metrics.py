@@ -16,7 +16,7 @@ from rl.algo.mismatch import (
     routing_agreement_per_layer,
     step_mismatch,
 )
-from rl.loop.metrics import collapsed, grad_norm_spikes
+from rl.loop.metrics import collapsed, grad_norm_spikes, paired_difference
 
 
 def test_routing_agreement_per_layer_compares_sets_per_layer() -> None:
@@ -94,6 +94,18 @@ def test_collapsed_when_the_smoothed_reward_ends_below_half_its_best() -> None:
     assert not collapsed(rise + [0.9] * 10 + [0.1] * 3 + [0.9] * 10, window=10)  # a dip, then back
     assert not collapsed(rise + [0.9] * 10, window=10)
     assert not collapsed([0.0] * 30)  # never learned: not a collapse
+
+
+def test_paired_difference_over_seeds() -> None:
+    # Seeds differ by 0.2 between themselves; the switch adds 0.05, 0.03, 0.07: the pairing sees only the latter.
+    control = [0.2, 0.4, 0.6]
+    mean, se = paired_difference([0.25, 0.43, 0.67], control)
+    assert mean == pytest.approx(0.05)
+    assert se == pytest.approx(0.02 / math.sqrt(3))  # stdev(0.05, 0.03, 0.07) = 0.02
+    mean, se = paired_difference([0.3], [0.2])
+    assert mean == pytest.approx(0.1) and math.isnan(se)
+    with pytest.raises(ValueError, match="one control per treated run"):
+        paired_difference([0.1, 0.2], [0.1])
 
 
 def test_engine_dtype_is_checked_by_name() -> None:

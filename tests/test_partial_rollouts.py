@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from test_pipeline import drive_trainer  # tests/ is on sys.path (pytest's rootdir-relative import)
 
 from rl.algo.batch import check_batch, indexer_topk_of, make_rollout_batch, rollout_schema, routing_of
 from rl.loop.pipeline import LaggedRollouts, behaviour_version, stale_rows
@@ -169,7 +170,6 @@ def run_partial(first: int, steps: int, n: int, seed: int, eval_at: tuple[int, .
     rng = random.Random(seed)
     live, lock = {first}, threading.Lock()
     engine = {"version": first}
-    sampled, evaluated = {}, {}
 
     def check(version: int) -> int:
         with lock:
@@ -195,19 +195,9 @@ def run_partial(first: int, steps: int, n: int, seed: int, eval_at: tuple[int, .
         time.sleep(rng.random() * 0.003)  # the rest
         return t, start, check(engine["version"]) if engine["version"] != first else first
 
-    rollouts = LaggedRollouts(first, steps, n, sample, load, partial=True)
-    try:
-        for s in range(first, steps):
-            t, start, end = rollouts.take(s)
-            sampled[t] = (start, end)
-            time.sleep(rng.random() * 0.004)  # the update
-            rollouts.publish(s + 1, lambda s=s: publish(s + 1))
-            if s + 1 in eval_at:
-                with rollouts.paused():
-                    evaluated[s + 1] = engine["version"]
-    finally:
-        rollouts.close()
-    return {"sampled": sampled, "evaluated": evaluated}
+    taken, evaluated = drive_trainer(LaggedRollouts(first, steps, n, sample, load, partial=True), first, steps, rng,
+                                     publish, engine, eval_at)
+    return {"sampled": {t: (start, end) for t, start, end in taken.values()}, "evaluated": evaluated}
 
 
 @pytest.mark.parametrize("n", [1, 2])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -50,11 +51,29 @@ class Store:
         return handle
 
 
+def drive_trainer(rollouts: LaggedRollouts, first: int, steps: int, rng: random.Random,
+                  publish: Callable[[int], int], engine: dict, eval_at: tuple[int, ...]) -> tuple[dict, dict]:
+    """The trainer's side of the lag protocol: take step s's batch, update (a random pause), publish version s+1,
+    and at the steps in `eval_at` read the engine's version while the producer is paused. Returns what each step
+    took and what each evaluation saw; the pipeline is closed on the way out."""
+    taken, evaluated = {}, {}
+    try:
+        for s in range(first, steps):
+            taken[s] = rollouts.take(s)
+            time.sleep(rng.random() * 0.004)  # the update
+            rollouts.publish(s + 1, lambda s=s: publish(s + 1))
+            if s + 1 in eval_at:
+                with rollouts.paused():
+                    evaluated[s + 1] = engine["version"]
+    finally:
+        rollouts.close()
+    return taken, evaluated
+
+
 def run_protocol(first: int, steps: int, n: int, seed: int, eval_at: tuple[int, ...] = ()) -> dict:
     """A run's schedule under random timings: which version sampled each batch, and what evaluations saw."""
     rng = random.Random(seed)
     store, engine = Store(), {"version": first}
-    sampled, evaluated = {}, {}
 
     def sample(t: int) -> tuple[int, int]:
         time.sleep(rng.random() * 0.004)
@@ -66,20 +85,10 @@ def run_protocol(first: int, steps: int, n: int, seed: int, eval_at: tuple[int, 
         time.sleep(rng.random() * 0.002)
         engine["version"] = store.open(handle)
 
-    rollouts = LaggedRollouts(first, steps, n, sample, load)
-    try:
-        for s in range(first, steps):
-            t, version = rollouts.take(s)
-            assert t == s
-            sampled[s] = version
-            time.sleep(rng.random() * 0.004)  # the update
-            rollouts.publish(s + 1, lambda s=s: store.publish(s + 1))
-            if s + 1 in eval_at:
-                with rollouts.paused():
-                    evaluated[s + 1] = engine["version"]
-    finally:
-        rollouts.close()
-    return {"sampled": sampled, "evaluated": evaluated}
+    taken, evaluated = drive_trainer(LaggedRollouts(first, steps, n, sample, load), first, steps, rng,
+                                     store.publish, engine, eval_at)
+    assert all(t == s for s, (t, _) in taken.items())
+    return {"sampled": {s: version for s, (_, version) in taken.items()}, "evaluated": evaluated}
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

@@ -104,6 +104,17 @@ def collapsed(rewards: list[float], window: int = 10, fraction: float = 0.5) -> 
     return smooth[-1] < fraction * max(smooth)
 
 
+def paired_difference(treated: list[float], control: list[float]) -> tuple[float, float]:
+    """The effect of a switch over seeds whose runs are paired (seed s of both variants shares its warm start and
+    its prompts): d_s = treated_s - control_s, returned as (mean d, its standard error stdev(d) / sqrt(n)).
+    Pairing removes the seed-to-seed spread both runs share; the error is nan with fewer than two seeds."""
+    if len(treated) != len(control) or not treated:
+        raise ValueError(f"paired_difference needs one control per treated run, got {len(treated)} and {len(control)}")
+    d = [t - c for t, c in zip(treated, control, strict=True)]
+    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+    return statistics.fmean(d), se
+
+
 def mismatch_probe(worker: Any, model: Any, prompts: list[list[int]], sampling: dict,
                    delta: float = 0.5) -> dict[str, Any]:
     """Sample `prompts` with a rollout worker (`rollout.worker.RolloutWorker`: the engine, in its dtype) and score
