@@ -16,11 +16,14 @@ Runs go one after the other, each in its own process (one engine at a time).
 Per variant, over seeds: final and best held-out greedy accuracy; the train-inference mismatch the trainer saw
 on each step's first forward (mean |log pi_samp - log pi_theta|, `logp_mismatch_first`) and its routing
 agreement; the fraction of sequences the off-policy mask dropped; gradient-norm spikes
-(`rl.loop.metrics.grad_norm_spikes`: steps above 3x the run's median); and whether the run collapsed
-(`rl.loop.metrics.collapsed`: its 10-step mean training reward ends below half its best). With --probe (default
-on), a bf16 engine in this process samples held-out prompts from each run's final model and keel's fp32 model
+(`rl.loop.metrics.grad_norm_spikes`: steps above 3x the run's median) and the largest norm; and whether the run
+collapsed (`rl.loop.metrics.collapsed`: its 10-step mean training reward ends below half its best). With --probe
+(default on), a bf16 engine in this process samples held-out prompts from each run's final model and keel's fp32 model
 scores them (`rl.loop.metrics.mismatch_probe`): routing agreement per MoE layer, kept-set disagreement, the
-log-prob mismatch distribution and the train-inference KL, at the end of training.
+log-prob mismatch distribution and the train-inference KL, at the end of training. Then each variant against its
+control (all_on; stale_all_off against stale, offpolicy_all_off against offpolicy), paired seed by seed
+(`rl.loop.metrics.paired_difference`): the mean difference in final accuracy and in the last 20 steps' training
+reward, with its standard error.
 """
 
 from __future__ import annotations
@@ -183,6 +186,7 @@ def aggregate(rows: list[dict], variants: list[str]) -> dict[str, dict]:
         for key in ("accuracy_before", "final_accuracy", "best_accuracy", "logp_mismatch", "routing_agreement",
                     "masked_seq_frac", "grad_norm_spikes", "kl_ref"):
             entry[key] = statistics.fmean(r[key] for r in runs if r.get(key) is not None)
+        entry["grad_norm_max"] = max(r["grad_norm_max"] for r in runs)  # the largest over seeds: spikes are rare
         entry["final_accuracy_range"] = [min(r["final_accuracy"] for r in runs),
                                          max(r["final_accuracy"] for r in runs)]
         probes = [r["probe"] for r in runs if "probe" in r]
@@ -197,14 +201,14 @@ def aggregate(rows: list[dict], variants: list[str]) -> dict[str, dict]:
 
 def print_table(table: dict[str, dict]) -> None:
     print(f"\n{'variant':<24} {'seeds':>5} {'acc before':>10} {'final acc':>15} {'best acc':>8} {'late rew':>8} "
-          f"{'|dlogp|':>8} {'routing':>8} {'masked':>7} {'spikes':>6} {'collapsed':>9} {'probe KL':>9}")
+          f"{'|dlogp|':>8} {'routing':>8} {'masked':>7} {'spikes':>6} {'max |g|':>7} {'collapsed':>9} {'probe KL':>9}")
     for v, e in table.items():
         lo, hi = e["final_accuracy_range"]
         kl = f"{e['probe_kl_k3']:.2e}" if "probe_kl_k3" in e else "-"
         print(f"{v:<24} {e['seeds']:>5} {e['accuracy_before']:>10.3f} {e['final_accuracy']:>6.3f} "
               f"({lo:.2f}-{hi:.2f}) {e['best_accuracy']:>8.3f} {e['late_reward']:>8.3f} {e['logp_mismatch']:>8.4f} "
               f"{e['routing_agreement']:>8.4f} {e['masked_seq_frac']:>7.4f} {e['grad_norm_spikes']:>6.1f} "
-              f"{e['collapsed']:>4}/{e['seeds']:<4} {kl:>9}")
+              f"{e['grad_norm_max']:>7.2f} {e['collapsed']:>4}/{e['seeds']:<4} {kl:>9}")
     effects = {v: e for v, e in table.items() if "control" in e}
     if effects:
         print(f"\npaired over seeds (variant - control, seed by seed; +- one standard error; late reward: the last "

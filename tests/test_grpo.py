@@ -127,6 +127,21 @@ def test_kl_stable_for_tiny_and_large_log_ratios() -> None:
     assert torch.isfinite(unbiased_kl(t(-30.0), t(-0.01), t(-0.02))).all()
 
 
+def test_k3_gradient_weight_is_unbounded_where_pi_theta_falls_below_pi_ref() -> None:
+    """The per-token pull of each estimator on log pi_theta, by autograd against the closed forms, for a token
+    sampled on policy (pi_old = pi_theta) that pi_ref gives 0.5:
+    K3: 1 - pi_ref/pi_theta, which grows without bound as pi_theta -> 0 (DeepSeek-V3.2's reason to replace it);
+    unbiased: (pi_theta/pi_old) log(pi_theta/pi_ref) = log(pi_theta/pi_ref), only logarithmic."""
+    ref = torch.log(t(0.5))
+    for p in (1e-2, 1e-4, 1e-6):
+        logp = torch.log(t(p)).requires_grad_()
+        (g_k3,) = torch.autograd.grad(k3_kl(logp, ref), logp)
+        (g_unbiased,) = torch.autograd.grad(unbiased_kl(logp, logp.detach(), ref), logp)
+        torch.testing.assert_close(g_k3, t(1 - 0.5 / p))
+        torch.testing.assert_close(g_unbiased, t(math.log(p / 0.5)))
+    assert abs(g_k3.item()) > 4e5 and abs(g_unbiased.item()) < 14  # at pi_theta = 1e-6
+
+
 def test_unbiased_kl_monte_carlo_value_and_gradient() -> None:
     """Under o ~ pi_old, mean(unbiased_kl) -> KL(pi_theta||pi_ref) in value and gradient; K3 does not."""
     gen = torch.Generator().manual_seed(0)
