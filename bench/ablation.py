@@ -227,8 +227,8 @@ def plot(rows: list[dict], variants: list[str], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [[v for v in variants if v in DEFAULT_VARIANTS or v == "fp32_engine"],
-              [v for v in variants if v == "all_on" or v not in DEFAULT_VARIANTS + ["fp32_engine"]]]
+    fresh = {*DEFAULT_VARIANTS, "fp32_engine"}  # the engine serves the trainer's current weights
+    groups = [[v for v in variants if v in fresh], [v for v in variants if v == "all_on" or v not in fresh]]
     groups = [g for g in groups if g and g != ["all_on"]]
     fig, axes = plt.subplots(2, len(groups), figsize=(8 * len(groups), 7), sharex=True, squeeze=False)
     for (top, bottom), group in zip(axes.T, groups, strict=True):
@@ -256,7 +256,7 @@ def plot(rows: list[dict], variants: list[str], path: str) -> None:
         top.legend(fontsize=8)
         if bottom.get_legend_handles_labels()[0]:
             bottom.legend(fontsize=8)
-        stale = any(v not in DEFAULT_VARIANTS + ["fp32_engine"] for v in group)
+        stale = any(v not in fresh for v in group)
         top.set_title("bf16 engine, fp32 trainer" + (", stale weights" if stale else "") + " (mean over seeds)")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
